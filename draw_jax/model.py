@@ -1,0 +1,333 @@
+"""The DRAW network: encoder and decoder LSTMs, read and write, a scanned T-step loop.
+
+Notation: b = batch, t = step (T steps), h = height, w = width, c = channels,
+z = latent size, e = encoder size, d = decoder size, n = glimpse size.
+
+The module is thin wiring over ``draw_jax.attention``: ``DRAW.step`` is one step
+of the paper's equations (3)-(8); ``DRAW.__call__`` runs it T times with one
+``jax.lax.scan``, so the traced program (and compile time) does not grow with T.
+All randomness comes in as explicit keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from draw_jax import attention
+
+__all__ = ["DRAW", "DrawConfig", "DrawOutputs", "Generation", "LSTMCell", "tiling_window_params"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DrawConfig:
+    """Everything that fixes the network's shape. Defaults: the paper's MNIST setup.
+
+    Attributes:
+      height, width, channels: image shape.
+      T: number of glimpses / canvas updates.
+      enc_size, dec_size: LSTM hidden sizes.
+      z_size: latent size per step.
+      read_n, write_n: glimpse sizes of the read and write grids.
+      read_attention, write_attention: use selective attention (eq. 27, 29)
+        rather than reading the whole image / writing a whole canvas (eq. 17, 18).
+      dtype: compute dtype of the matmuls ("float32" or "bfloat16"); parameters,
+        LSTM cell states, the canvas and the loss stay float32.
+    """
+
+    height: int = 28
+    width: int = 28
+    channels: int = 1
+    T: int = 64
+    enc_size: int = 256
+    dec_size: int = 256
+    z_size: int = 100
+    read_n: int = 2
+    write_n: int = 5
+    read_attention: bool = True
+    write_attention: bool = True
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        for name in ("height", "width", "channels", "T", "enc_size", "dec_size", "z_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DrawConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("read_n", "write_n"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DrawConfig.{name} (glimpse size) must be >= 1, got {value!r}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"DrawConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    @property
+    def read_size(self) -> int:
+        """Length of r_t: two glimpses (x and x_hat) with attention, two images without."""
+        per = self.read_n * self.read_n if self.read_attention else self.height * self.width
+        return 2 * per * self.channels
+
+
+class DrawOutputs(NamedTuple):
+    """What one pass over a batch returns.
+
+    Attributes:
+      logits: [b, h, w, c] final canvas c_T; sigmoid(c_T) is the Bernoulli mean.
+      canvases: [T, b, h, w, c] canvas c_t after each step.
+      mu, logsigma: [T, b, z] the approximate posterior per step (eq. 1-2's Q).
+      read_window, write_window: ``attention.Window`` of [T, b] arrays, or None
+        for a variant without attention.
+    """
+
+    logits: jax.Array
+    canvases: jax.Array
+    mu: jax.Array
+    logsigma: jax.Array
+    read_window: attention.Window | None
+    write_window: attention.Window | None
+
+
+class Generation(NamedTuple):
+    """Samples from the prior. canvases: [T, b, h, w, c]; write_window: [T, b] or None."""
+
+    canvases: jax.Array
+    write_window: attention.Window | None
+
+
+class LSTMCell(nnx.Module):
+    """An LSTM whose four gates come from one fused matmul on [input, h].
+
+    The forget-gate bias starts at 1 (as TensorFlow's LSTM cells that the DRAW
+    ports use); the paper does not specify its LSTM initialisation.
+    """
+
+    def __init__(self, in_size: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+        self.hidden = hidden
+        bias = jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0)
+        self.gates = nnx.Linear(
+            in_size + hidden,
+            4 * hidden,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            bias_init=lambda *_: bias,
+            rngs=rngs,
+        )
+
+    def __call__(self, state: tuple[jax.Array, jax.Array], inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(h [b, hidden], cell [b, hidden]), inputs [b, in] -> new (h, cell), float32."""
+        h, cell = state
+        gates = self.gates(jnp.concatenate([inputs.astype(h.dtype), h], axis=-1))
+        i, f, g, o = jnp.split(gates.astype(jnp.float32), 4, axis=-1)
+        cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
+        h = jax.nn.sigmoid(o) * jnp.tanh(cell)
+        return h, cell
+
+
+def tiling_window_params(n: int, height: int, width: int, *, unit_write_gain: bool = False) -> jax.Array:
+    """[5] window parameters whose n x n grid tiles the whole image evenly.
+
+    Used as the initial bias of the window layers: the stride is max(h, w) / n
+    (filters at the centres of n equal cells) and sigma half a stride. With
+    zero biases instead, a 2 x 2 read grid starts on the image corners with
+    sigma = 1 pixel; on MNIST it then reads blank pixels, the KL collapses to 0
+    and attention gets no gradient (see BUILD_NOTES.md).
+
+    gamma is 1 for a read. For a write (``unit_write_gain``), gamma starts at
+    1 / (2 pi sigma^2): normalised filters spread a patch value over about
+    2 pi sigma^2 pixels, and eq. 29 divides by gamma, so a unit patch value
+    then changes the canvas by about one logit at its centre rather than by
+    1 / (2 pi sigma^2) (which left the canvas almost still for hundreds of steps).
+    """
+    size = max(height, width)
+    stride = size / n
+    delta_tilde = stride * max(n - 1, 1) / (size - 1)  # inverts eq. 24
+    sigma2 = (stride / 2) ** 2
+    log_gamma = -float(jnp.log(2 * jnp.pi * sigma2)) if unit_write_gain else 0.0
+    return jnp.array([0.0, 0.0, jnp.log(sigma2), jnp.log(delta_tilde), log_gamma], jnp.float32)
+
+
+# Carry of the scan: canvas, encoder (h, cell), decoder (h, cell).
+_Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+
+
+class DRAW(nnx.Module):
+    """Deep Recurrent Attentive Writer (Gregor et al. 2015, arXiv:1502.04623)."""
+
+    def __init__(self, config: DrawConfig, *, rngs: nnx.Rngs) -> None:
+        self.config = cfg = config
+        dtype = jnp.dtype(cfg.dtype)
+
+        def linear(i: int, o: int) -> nnx.Linear:
+            return nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
+        self.encoder = LSTMCell(cfg.read_size + cfg.dec_size, cfg.enc_size, dtype=dtype, rngs=rngs)
+        self.decoder = LSTMCell(cfg.z_size, cfg.dec_size, dtype=dtype, rngs=rngs)
+        self.to_mu = linear(cfg.enc_size, cfg.z_size)
+        self.to_logsigma = linear(cfg.enc_size, cfg.z_size)
+
+        def window_layer(n: int, write: bool) -> nnx.Linear:
+            bias = tiling_window_params(n, cfg.height, cfg.width, unit_write_gain=write)
+            return nnx.Linear(
+                cfg.dec_size,
+                5,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                bias_init=lambda *_: bias,
+                rngs=rngs,
+            )
+
+        if cfg.read_attention:
+            self.read_window = window_layer(cfg.read_n, write=False)
+        if cfg.write_attention:
+            self.write_window = window_layer(cfg.write_n, write=True)
+            self.write_patch = linear(cfg.dec_size, cfg.write_n * cfg.write_n * cfg.channels)
+        else:
+            self.write_patch = linear(cfg.dec_size, cfg.height * cfg.width * cfg.channels)
+        # Learned initial states (the paper: "learned biases"), not zeros.
+        self.canvas0 = nnx.Param(jnp.zeros(cfg.image_shape, jnp.float32))
+        self.h_enc0 = nnx.Param(jnp.zeros((cfg.enc_size,), jnp.float32))
+        self.cell_enc0 = nnx.Param(jnp.zeros((cfg.enc_size,), jnp.float32))
+        self.h_dec0 = nnx.Param(jnp.zeros((cfg.dec_size,), jnp.float32))
+        self.cell_dec0 = nnx.Param(jnp.zeros((cfg.dec_size,), jnp.float32))
+
+    # -- pieces of one step -------------------------------------------------
+
+    def initial_carry(self, batch: int) -> _Carry:
+        """Learned c_0, h^enc_0, h^dec_0 (and LSTM cells) broadcast to the batch."""
+
+        def tile(p: nnx.Param) -> jax.Array:
+            return jnp.broadcast_to(p[...], (batch, *p.shape))
+
+        return (
+            tile(self.canvas0),
+            tile(self.h_enc0),
+            tile(self.cell_enc0),
+            tile(self.h_dec0),
+            tile(self.cell_dec0),
+        )
+
+    def _read(
+        self, x: jax.Array, x_hat: jax.Array, h_dec: jax.Array
+    ) -> tuple[jax.Array, attention.Window | None]:
+        """r_t from x, x_hat [b, h, w, c] and h^dec_{t-1}: eq. 17 or eq. 27."""
+        cfg = self.config
+        b = x.shape[0]
+        if not cfg.read_attention:
+            return jnp.concatenate([x.reshape(b, -1), x_hat.reshape(b, -1)], axis=-1), None
+        params = self.read_window(h_dec).astype(jnp.float32)
+        win = attention.window_from_params(params, cfg.height, cfg.width, cfg.read_n)
+        both = jnp.concatenate([x, x_hat], axis=-1)  # one read for both images
+        glimpse = attention.read(both, win, cfg.read_n)  # [b, n, n, 2c]
+        gx, gxh = jnp.split(glimpse, 2, axis=-1)
+        return jnp.concatenate([gx.reshape(b, -1), gxh.reshape(b, -1)], axis=-1), win
+
+    def _write(self, h_dec: jax.Array) -> tuple[jax.Array, attention.Window | None]:
+        """The canvas update from h^dec_t: eq. 18 or eq. 28-29. Returns [b, h, w, c] float32."""
+        cfg = self.config
+        b = h_dec.shape[0]
+        patch = self.write_patch(h_dec).astype(jnp.float32)
+        if not cfg.write_attention:
+            return patch.reshape(b, *cfg.image_shape), None
+        params = self.write_window(h_dec).astype(jnp.float32)
+        win = attention.window_from_params(params, cfg.height, cfg.width, cfg.write_n)
+        patch = patch.reshape(b, cfg.write_n, cfg.write_n, cfg.channels)
+        return attention.write(patch, win, cfg.height, cfg.width), win
+
+    def step(
+        self, carry: _Carry, x: jax.Array, eps: jax.Array
+    ) -> tuple[
+        _Carry, tuple[jax.Array, jax.Array, jax.Array, attention.Window | None, attention.Window | None]
+    ]:
+        """One DRAW step, eq. 3-8.
+
+        Args:
+          carry: (c_{t-1} [b,h,w,c], h^enc, cell^enc [b,e], h^dec, cell^dec [b,d]).
+          x: [b, h, w, c] the image.
+          eps: [b, z] standard normal noise for the reparameterised sample.
+
+        Returns:
+          (new carry, (c_t, mu_t, logsigma_t, read window, write window)).
+        """
+        canvas, h_enc, cell_enc, h_dec, cell_dec = carry
+        x_hat = x - jax.nn.sigmoid(canvas)  # eq. 3
+        r, read_win = self._read(x, x_hat, h_dec)  # eq. 4
+        h_enc, cell_enc = self.encoder(
+            (h_enc, cell_enc), jnp.concatenate([r, h_dec.astype(r.dtype)], -1)
+        )  # eq. 5
+        mu = self.to_mu(h_enc).astype(jnp.float32)  # eq. 1-2 (Q's mean)
+        logsigma = self.to_logsigma(h_enc).astype(jnp.float32)
+        z = mu + jnp.exp(logsigma) * eps  # eq. 6, reparameterised
+        h_dec, cell_dec = self.decoder((h_dec, cell_dec), z)  # eq. 7
+        update, write_win = self._write(h_dec)
+        canvas = canvas + update  # eq. 8
+        return (canvas, h_enc, cell_enc, h_dec, cell_dec), (canvas, mu, logsigma, read_win, write_win)
+
+    # -- the T-step loop ----------------------------------------------------
+
+    def _check_images(self, x: jax.Array) -> None:
+        if x.ndim != 4 or tuple(x.shape[1:]) != self.config.image_shape:
+            raise ValueError(
+                f"DRAW expects images of shape [batch, {', '.join(map(str, self.config.image_shape))}] "
+                f"(height, width, channels from DrawConfig), got {tuple(x.shape)}"
+            )
+
+    def __call__(self, x: jax.Array, key: jax.Array, *, python_loop: bool = False) -> DrawOutputs:
+        """Encodes and reconstructs a batch.
+
+        Args:
+          x: [b, h, w, c] images with values in [0, 1].
+          key: PRNG key for the T latent samples.
+          python_loop: run the steps in a Python loop instead of ``jax.lax.scan``
+            (same result; the traced program grows with T). For tests and the
+            compile-time comparison only.
+
+        Returns:
+          ``DrawOutputs``.
+        """
+        self._check_images(x)
+        cfg = self.config
+        x = x.astype(jnp.float32)
+        eps = jax.random.normal(key, (cfg.T, x.shape[0], cfg.z_size), jnp.float32)
+        carry = self.initial_carry(x.shape[0])
+        if python_loop:
+            outs = []
+            for t in range(cfg.T):
+                carry, out = self.step(carry, x, eps[t])
+                outs.append(out)
+            stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        else:
+            carry, stacked = jax.lax.scan(lambda c, e: self.step(c, x, e), carry, eps)
+        canvases, mu, logsigma, read_win, write_win = stacked
+        return DrawOutputs(carry[0], canvases, mu, logsigma, read_win, write_win)
+
+    def generate(self, key: jax.Array, num_samples: int) -> Generation:
+        """Draws images from the prior: z_t ~ N(0, I), decoder and write only (sec. 2.3).
+
+        Args:
+          key: PRNG key for the T x num_samples latent draws.
+          num_samples: b.
+
+        Returns:
+          ``Generation`` with canvases [T, b, h, w, c] (logits; apply sigmoid for
+          pixel means) and the write windows.
+        """
+        cfg = self.config
+        z = jax.random.normal(key, (cfg.T, num_samples, cfg.z_size), jnp.float32)
+        canvas, _, _, h_dec, cell_dec = self.initial_carry(num_samples)
+
+        def body(carry, z_t):
+            canvas, h_dec, cell_dec = carry
+            h_dec, cell_dec = self.decoder((h_dec, cell_dec), z_t)
+            update, win = self._write(h_dec)
+            canvas = canvas + update
+            return (canvas, h_dec, cell_dec), (canvas, win)
+
+        _, (canvases, wins) = jax.lax.scan(body, (canvas, h_dec, cell_dec), z)
+        return Generation(canvases, wins)

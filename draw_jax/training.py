@@ -1,0 +1,193 @@
+"""Training state, optimiser and the jitted train / eval steps (pure functions).
+
+The model is an NNX module, but the training state holds its parameters as a
+plain nested dict (``nnx.split`` + ``to_pure_dict``): optax, orbax and
+``jax.sharding`` all see an ordinary pytree, and the train step is a pure
+function of (state, batch, key) that ``jax.jit`` compiles once.
+
+Notation: b = batch, h, w, c = image shape, T = steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from draw_jax import data as data_lib
+from draw_jax.losses import Bound, draw_bound
+from draw_jax.model import DRAW, DrawConfig
+
+__all__ = [
+    "OptimConfig",
+    "TrainState",
+    "apply_model",
+    "create_train_state",
+    "init_model",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+]
+
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam on globally clipped gradients (the ericjang/draw settings by default).
+
+    Attributes:
+      learning_rate: peak step size.
+      adam_b1, adam_b2: Adam's decay rates.
+      clip_norm: global gradient-norm bound (0 disables clipping).
+      lr_schedule: 'constant' or 'cosine' (decay to ``final_lr_fraction`` of the
+        peak over ``decay_steps``), after ``warmup_steps`` of linear warm-up.
+      kl_warmup_steps: linearly raise the KL weight from 0 to 1 over this many
+        steps (0 = off, the paper's objective from the first step).
+    """
+
+    learning_rate: float = 1e-3
+    adam_b1: float = 0.5
+    adam_b2: float = 0.999
+    clip_norm: float = 5.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    final_lr_fraction: float = 0.1
+    kl_warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("adam_b1", "adam_b2"):
+            v = getattr(self, name)
+            if not 0 <= v < 1:
+                raise ValueError(f"--{name} must be in [0, 1), got {v}")
+        if self.clip_norm < 0:
+            raise ValueError(f"--clip_norm must be >= 0 (0 disables), got {self.clip_norm}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        for name in ("warmup_steps", "decay_steps", "kl_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_schedule == "cosine" and self.decay_steps <= 0:
+            raise ValueError("--lr_schedule=cosine needs --decay_steps > 0")
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    if cfg.lr_schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if cfg.warmup_steps else cfg.learning_rate,
+            peak_value=cfg.learning_rate,
+            warmup_steps=cfg.warmup_steps,
+            decay_steps=max(cfg.decay_steps, cfg.warmup_steps + 1),
+            end_value=cfg.learning_rate * cfg.final_lr_fraction,
+        )
+    if cfg.warmup_steps:
+        return optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    return optax.constant_schedule(cfg.learning_rate)
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+    """``optax.chain(clip_by_global_norm, adam)``."""
+    adam = optax.adam(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2)
+    if cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
+    return adam
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training run carries between steps (and checkpoints).
+
+    Attributes:
+      step: int32 scalar, optimiser steps taken.
+      params: the DRAW parameters as a nested dict of float32 arrays.
+      opt_state: optax state for ``params``.
+    """
+
+    step: jax.Array
+    params: Params
+    opt_state: optax.OptState
+
+
+def init_model(config: DrawConfig, seed: int) -> tuple[nnx.GraphDef, Params]:
+    """(static graph definition, parameters as a nested dict) of a fresh DRAW."""
+    model = DRAW(config, rngs=nnx.Rngs(seed))
+    graphdef, state = nnx.split(model)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def create_train_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def apply_model(graphdef: nnx.GraphDef, params: Params) -> DRAW:
+    """The DRAW module with ``params`` (works on tracers inside jit)."""
+    return nnx.merge(graphdef, params)
+
+
+def _kl_weight(step: jax.Array, kl_warmup_steps: int) -> jax.Array:
+    if kl_warmup_steps <= 0:
+        return jnp.ones((), jnp.float32)
+    return jnp.minimum(1.0, (step.astype(jnp.float32) + 1) / kl_warmup_steps)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    *,
+    binary: bool,
+    binarize: str,
+    kl_warmup_steps: int = 0,
+    jit: bool = True,
+) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds ``train_step(state, images, key) -> (state, metrics)``.
+
+    ``images`` is a uint8 batch [b, h, w, c] as the data pipeline yields it;
+    binarisation happens inside the step with a key split from ``key``.
+    """
+
+    def train_step(state: TrainState, images: jax.Array, key: jax.Array):
+        data_key, model_key = jax.random.split(key)
+        x = data_lib.preprocess(images, binary, binarize, data_key)
+        kl_weight = _kl_weight(state.step, kl_warmup_steps)
+
+        def loss_fn(params: Params) -> tuple[jax.Array, Bound]:
+            bound = draw_bound(apply_model(graphdef, params)(x, model_key), x, kl_weight)
+            return bound.loss, bound
+
+        grads, bound = jax.grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "bound": jnp.mean(bound.per_example),
+            "recon": bound.recon,
+            "kl": bound.kl,
+            "kl_per_step": bound.kl_per_step,
+            "grad_norm": optax.tree.norm(grads),
+            "kl_weight": kl_weight,
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(train_step, donate_argnums=0) if jit else train_step
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, *, binary: bool, binarize: str
+) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
+    """Builds ``eval_step(params, images, key) -> per-example bound [b]`` (jitted)."""
+
+    @jax.jit
+    def eval_step(params: Params, images: jax.Array, key: jax.Array) -> jax.Array:
+        data_key, model_key = jax.random.split(key)
+        x = data_lib.preprocess(images, binary, binarize, data_key)
+        return draw_bound(apply_model(graphdef, params)(x, model_key), x).per_example
+
+    return eval_step

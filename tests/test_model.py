@@ -1,0 +1,193 @@
+"""The DRAW module: the paper's step equations, scanned; shapes; and learning on real data."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from draw_jax import DRAW, DrawConfig, attention, draw_bound, training
+
+SMALL = DrawConfig(height=12, width=10, T=5, enc_size=16, dec_size=16, z_size=3, read_n=3, write_n=4)
+
+
+def batch(cfg: DrawConfig, b: int = 3, seed: int = 0) -> jax.Array:
+    shape = (b, *cfg.image_shape)
+    return jax.random.bernoulli(jax.random.key(seed), 0.3, shape).astype(jnp.float32)
+
+
+VARIANTS = {
+    "attention": SMALL,
+    "no_attention": dataclasses.replace(SMALL, read_attention=False, write_attention=False),
+    "read_only": dataclasses.replace(SMALL, write_attention=False),
+    "colour": dataclasses.replace(SMALL, channels=3),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_scan_equals_python_unrolled_loop(name):
+    # Given the same parameters and noise, the lax.scan loop and a Python loop
+    # over DRAW.step give the same outputs and the same bound.
+    cfg = VARIANTS[name]
+    graphdef, params = training.init_model(cfg, seed=1)
+    x = batch(cfg)
+
+    @jax.jit
+    def run(params, key):
+        model = training.apply_model(graphdef, params)
+        scanned = model(x, key)
+        unrolled = model(x, key, python_loop=True)
+        return scanned, unrolled, draw_bound(scanned, x).loss, draw_bound(unrolled, x).loss
+
+    scanned, unrolled, loss_s, loss_u = run(params, jax.random.key(3))
+    for a, b in zip(jax.tree.leaves(scanned), jax.tree.leaves(unrolled), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+
+
+def _count_eqns(jaxpr) -> int:
+    total = 0
+    for eqn in jaxpr.eqns:
+        total += 1
+        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
+            total += _count_eqns(sub)
+        for p in eqn.params.values():
+            inner = getattr(p, "jaxpr", None)
+            if inner is not None and hasattr(inner, "eqns"):
+                total += _count_eqns(inner)
+    return total
+
+
+def _loss_jaxpr(cfg: DrawConfig):
+    graphdef, params = training.init_model(cfg, seed=0)
+    x = batch(cfg, b=2)
+
+    def loss(params, key):
+        return draw_bound(training.apply_model(graphdef, params)(x, key), x).loss
+
+    return jax.make_jaxpr(jax.value_and_grad(loss))(params, jax.random.key(0)).jaxpr
+
+
+def test_traced_program_does_not_grow_with_T():
+    # The loop is one scan of length T (forward, and one for the backward pass),
+    # so the program for T=64 has exactly as many equations as for T=8.
+    jaxprs = {T: _loss_jaxpr(dataclasses.replace(SMALL, T=T)) for T in (8, 64)}
+    for T, jaxpr in jaxprs.items():
+        scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+        assert scans, "the T-step loop must be a lax.scan"
+        assert all(e.params["length"] == T for e in scans)
+    assert _count_eqns(jaxprs[8]) == _count_eqns(jaxprs[64])
+
+
+def test_shapes_of_every_variant_and_generate():
+    for name, cfg in VARIANTS.items():
+        model = DRAW(cfg, rngs=nnx.Rngs(0))
+        x = batch(cfg, b=2)
+        out = jax.jit(lambda x, k: model(x, k))(x, jax.random.key(0))
+        T, h, w, c, z = cfg.T, cfg.height, cfg.width, cfg.channels, cfg.z_size
+        assert out.logits.shape == (2, h, w, c), name
+        assert out.canvases.shape == (T, 2, h, w, c), name
+        assert out.mu.shape == out.logsigma.shape == (T, 2, z), name
+        assert (out.read_window is None) == (not cfg.read_attention), name
+        assert (out.write_window is None) == (not cfg.write_attention), name
+        for win in (out.read_window, out.write_window):
+            if win is not None:
+                assert all(a.shape == (T, 2) for a in win), name
+        np.testing.assert_allclose(out.canvases[-1], out.logits)
+        gen = jax.jit(lambda k: model.generate(k, 4))(jax.random.key(1))
+        assert gen.canvases.shape == (T, 4, h, w, c), name
+        assert (gen.write_window is None) == (not cfg.write_attention), name
+        assert np.all(np.isfinite(gen.canvases))
+
+
+def test_wrong_image_shape_is_named():
+    model = DRAW(SMALL, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"\[batch, 12, 10, 1\].*got \(2, 28, 28, 1\)"):
+        model(jnp.zeros((2, 28, 28, 1)), jax.random.key(0))
+
+
+def test_bad_config_is_named():
+    with pytest.raises(ValueError, match="read_n"):
+        DrawConfig(read_n=0)
+    with pytest.raises(ValueError, match="z_size"):
+        DrawConfig(z_size=-3)
+    with pytest.raises(ValueError, match="dtype"):
+        DrawConfig(dtype="float16")
+
+
+def test_initial_states_are_learned_parameters():
+    # c_0, h^enc_0, h^dec_0 are parameters with non-zero gradients, not fixed zeros.
+    graphdef, params = training.init_model(SMALL, seed=0)
+    x = batch(SMALL)
+
+    def loss(params):
+        return draw_bound(training.apply_model(graphdef, params)(x, jax.random.key(0)), x).loss
+
+    grads = jax.jit(jax.grad(loss))(params)
+    for name in ("canvas0", "h_enc0", "cell_enc0", "h_dec0", "cell_dec0"):
+        assert name in grads
+        assert float(jnp.abs(grads[name]).max()) > 0, name
+
+
+def test_generation_uses_decoder_and_canvas_only():
+    # generate() starts from the learned c_0: with T steps of zero writes it
+    # would return c_0; perturbing c_0 shifts every sample's canvas by the same.
+    graphdef, params = training.init_model(SMALL, seed=0)
+    shifted = jax.tree.map(lambda a: a, params)
+    shifted["canvas0"] = params["canvas0"] + 1.5
+
+    @jax.jit
+    def gen(p):
+        return training.apply_model(graphdef, p).generate(jax.random.key(0), 2).canvases
+
+    np.testing.assert_allclose(gen(shifted), gen(params) + 1.5, rtol=1e-5, atol=1e-5)
+
+
+def test_initial_window_tiles_the_image():
+    # The window layers start (bias) on a grid tiling the image evenly: centred,
+    # stride max(h, w) / n, first filter half a stride in from the edge.
+    for n in (2, 5):
+        p = np.asarray(__import__("draw_jax").model.tiling_window_params(n, 28, 28))
+        win = attention.window_from_params(jnp.asarray(p)[None], 28, 28, n)
+        np.testing.assert_allclose(win.gx, 13.5, atol=1e-5)
+        np.testing.assert_allclose(win.delta, 28 / n, rtol=1e-5)
+        first = win.gx - (n - 1) / 2 * win.delta
+        np.testing.assert_allclose(first, 28 / n / 2 - 0.5, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention_on", [False, True])
+def test_small_model_overfits_real_binarized_mnist(binarized_train, attention_on):
+    # A T=8 model trained on 256 real binarized-MNIST images drives its bound far
+    # below where it starts and below what the learned mean image alone gives.
+    cfg = DrawConfig(
+        T=8,
+        enc_size=128,
+        dec_size=128,
+        z_size=10,
+        read_n=5,
+        write_n=7,
+        read_attention=attention_on,
+        write_attention=attention_on,
+    )
+    images = binarized_train.images[:256]
+    graphdef, params = training.init_model(cfg, seed=0)
+    opt = training.make_optimizer(training.OptimConfig(learning_rate=3e-3, adam_b1=0.9))
+    state = training.create_train_state(params, opt)
+    step = training.make_train_step(graphdef, opt, binary=True, binarize="none")
+    bounds = []
+    for i in range(300):
+        state, m = step(state, images[(i % 4) * 64 : (i % 4 + 1) * 64], jax.random.key(i))
+        bounds.append(float(m["bound"]))
+    # The Bernoulli entropy of the per-pixel mean of these images: the best a
+    # model that ignores its latents can do (about 206 nats on MNIST).
+    p = np.clip(images.reshape(256, -1).mean(0), 1e-6, 1 - 1e-6)
+    mean_image_nll = float(-(p * np.log(p) + (1 - p) * np.log1p(-p)).sum())
+    final = float(np.mean(bounds[-20:]))
+    assert np.all(np.isfinite(bounds))
+    assert final < bounds[0] - 250
+    limit = 0.6 * mean_image_nll if not attention_on else 0.9 * mean_image_nll
+    assert final < limit, (final, mean_image_nll)
