@@ -19,6 +19,7 @@ Notation: n = number of images, b = batch, h, w, c = height, width, channels.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import os
 import struct
@@ -35,6 +36,8 @@ __all__ = [
     "DataError",
     "Dataset",
     "epoch_permutation",
+    "device_epoch_permutation",
+    "permutation_key",
     "eval_batches",
     "load_split",
     "preprocess",
@@ -188,7 +191,7 @@ def _read_amat(path: str) -> np.ndarray:
         bad = values[(values != 0) & (values != 1)]
         if bad.size:
             raise DataError(
-                f"{path}, line {i + 1}: value {bad[0]!r} is not 0 or 1 (binarized MNIST must be binary)"
+                f"{path}, line {i + 1}: value {float(bad[0])!r} is not 0 or 1 (binarized MNIST must be binary)"
             )
         out[i] = values.astype(np.uint8)
     return out.reshape(-1, 28, 28, 1)
@@ -287,10 +290,28 @@ def preprocess(images: jax.Array, binary: bool, binarize: str, key: jax.Array | 
     return p
 
 
+# Keeps the data-order stream apart from the parameter and training-noise streams.
+_DATA_STREAM = 0x0DA7A
+
+
+def permutation_key(seed: int, epoch: jax.Array | int) -> jax.Array:
+    """The key that orders ``epoch`` of a run with ``seed``."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _DATA_STREAM), epoch)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _permutation(seed: int, epoch: jax.Array, n: int) -> jax.Array:
+    return jax.random.permutation(permutation_key(seed, epoch), n)
+
+
+def device_epoch_permutation(seed: int, epoch: int, n: int) -> jax.Array:
+    """``epoch_permutation`` left on the device (for device-resident data)."""
+    return _permutation(seed, jnp.asarray(epoch, jnp.int32), n)
+
+
 def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     """The order of the n training images in ``epoch`` (a pure function of seed and epoch)."""
-    key = jax.random.fold_in(jax.random.key(seed), epoch)
-    return np.asarray(jax.random.permutation(key, n))
+    return np.asarray(device_epoch_permutation(seed, epoch, n))
 
 
 def train_batches(

@@ -278,12 +278,25 @@ class DRAW(nnx.Module):
                 f"(height, width, channels from DrawConfig), got {tuple(x.shape)}"
             )
 
-    def __call__(self, x: jax.Array, key: jax.Array, *, python_loop: bool = False) -> DrawOutputs:
+    def noise(self, key: jax.Array, batch: int) -> jax.Array:
+        """[T, b, z] standard normal draws for the reparameterised samples."""
+        cfg = self.config
+        return jax.random.normal(key, (cfg.T, batch, cfg.z_size), jnp.float32)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        key: jax.Array | None = None,
+        *,
+        eps: jax.Array | None = None,
+        python_loop: bool = False,
+    ) -> DrawOutputs:
         """Encodes and reconstructs a batch.
 
         Args:
           x: [b, h, w, c] images with values in [0, 1].
-          key: PRNG key for the T latent samples.
+          key: PRNG key for the T latent samples (``noise(key, b)``).
+          eps: [T, b, z] the noise itself, instead of ``key``.
           python_loop: run the steps in a Python loop instead of ``jax.lax.scan``
             (same result; the traced program grows with T). For tests and the
             compile-time comparison only.
@@ -294,7 +307,10 @@ class DRAW(nnx.Module):
         self._check_images(x)
         cfg = self.config
         x = x.astype(jnp.float32)
-        eps = jax.random.normal(key, (cfg.T, x.shape[0], cfg.z_size), jnp.float32)
+        if eps is None:
+            if key is None:
+                raise ValueError("DRAW needs a PRNG key (or eps) for its latent samples")
+            eps = self.noise(key, x.shape[0])
         carry = self.initial_carry(x.shape[0])
         if python_loop:
             outs = []

@@ -33,6 +33,7 @@ __all__ = [
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
+    "make_device_train_step",
 ]
 
 Params = dict[str, Any]
@@ -146,6 +147,7 @@ def make_train_step(
     binary: bool,
     binarize: str,
     kl_warmup_steps: int = 0,
+    batch_sharding: jax.sharding.Sharding | None = None,
     jit: bool = True,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``train_step(state, images, key) -> (state, metrics)``.
@@ -154,7 +156,14 @@ def make_train_step(
     binarisation happens inside the step with a key split from ``key``.
     """
 
+    train_step = _train_step_fn(graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding)
+    return jax.jit(train_step, donate_argnums=0) if jit else train_step
+
+
+def _train_step_fn(graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding=None):
     def train_step(state: TrainState, images: jax.Array, key: jax.Array):
+        if batch_sharding is not None:  # data parallel: each device takes its slice
+            images = jax.lax.with_sharding_constraint(images, batch_sharding)
         data_key, model_key = jax.random.split(key)
         x = data_lib.preprocess(images, binary, binarize, data_key)
         kl_weight = _kl_weight(state.step, kl_warmup_steps)
@@ -176,7 +185,47 @@ def make_train_step(
         }
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return jax.jit(train_step, donate_argnums=0) if jit else train_step
+    return train_step
+
+
+def make_device_train_step(
+    graphdef: nnx.GraphDef,
+    optimizer: optax.GradientTransformation,
+    *,
+    binary: bool,
+    binarize: str,
+    batch_size: int,
+    steps_per_epoch: int,
+    steps_per_call: int = 1,
+    kl_warmup_steps: int = 0,
+    batch_sharding: jax.sharding.Sharding | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Builds a jitted ``multi_step(state, images, perms, first_epoch, base_key)``.
+
+    The training split stays on the device: ``images`` is uint8 [n, h, w, c] and
+    ``perms`` [2, n] holds the orders of epochs ``first_epoch`` and the next.
+    Each of the ``steps_per_call`` steps takes batch ``step % steps_per_epoch``
+    of its epoch's order and the key ``fold_in(base_key, step)``: exactly the
+    batches and keys of the host loop (``data.train_batches``), without a
+    host-to-device copy per step.
+
+    Returns (state, metrics), each metric stacked over the steps of the call.
+    """
+    if steps_per_call > steps_per_epoch:
+        raise ValueError(f"--steps_per_call={steps_per_call} exceeds the {steps_per_epoch} steps of an epoch")
+    one_step = _train_step_fn(graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding)
+
+    def multi_step(state: TrainState, images: jax.Array, perms: jax.Array, first_epoch: jax.Array, base_key):
+        def body(state, _):
+            epoch, offset = jnp.divmod(state.step, steps_per_epoch)
+            order = perms[epoch - first_epoch]
+            idx = jax.lax.dynamic_slice_in_dim(order, offset * batch_size, batch_size)
+            batch = jnp.take(images, idx, axis=0)
+            return one_step(state, batch, jax.random.fold_in(base_key, state.step))
+
+        return jax.lax.scan(body, state, None, length=steps_per_call)
+
+    return jax.jit(multi_step, donate_argnums=0)
 
 
 def make_eval_step(

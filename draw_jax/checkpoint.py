@@ -1,0 +1,63 @@
+"""A small wrapper over orbax's CheckpointManager for ``TrainState``.
+
+Orbax writes each checkpoint into a temporary folder and renames it when the
+write is complete, so an interrupted save never leaves a folder that looks
+like a valid checkpoint; ``latest_step`` only sees finished ones.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer"]
+
+
+class Checkpointer:
+    """Keeps the last ``keep`` checkpoints of a run under ``<workdir>/checkpoints``."""
+
+    def __init__(self, workdir: str, keep: int = 3, *, read_only: bool = False) -> None:
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        if read_only:
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, max_to_keep=None, save_interval_steps=0
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, enable_async_checkpointing=False
+            )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self._manager.all_steps())
+
+    def save(self, step: int, state: Any) -> None:
+        """Saves ``state`` (any pytree of arrays) as checkpoint ``step`` and waits for it."""
+        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, like: Any, step: int | None = None) -> Any:
+        """Restores checkpoint ``step`` (default: the latest) into the structure of ``like``.
+
+        Raises:
+          FileNotFoundError: no checkpoint, or no checkpoint ``step``, naming what exists.
+        """
+        steps = self.all_steps()
+        if step is None:
+            step = self.latest_step()
+        if step is None or step not in steps:
+            have = ", ".join(map(str, steps)) or "none"
+            want = "any" if step is None else f"step {step}"
+            raise FileNotFoundError(f"no checkpoint for {want} in {self.directory} (saved steps: {have})")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
