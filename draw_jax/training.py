@@ -149,6 +149,7 @@ def make_train_step(
     kl_warmup_steps: int = 0,
     batch_sharding: jax.sharding.Sharding | None = None,
     jit: bool = True,
+    python_loop: bool = False,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``train_step(state, images, key) -> (state, metrics)``.
 
@@ -156,11 +157,15 @@ def make_train_step(
     binarisation happens inside the step with a key split from ``key``.
     """
 
-    train_step = _train_step_fn(graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding)
+    train_step = _train_step_fn(
+        graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding, python_loop
+    )
     return jax.jit(train_step, donate_argnums=0) if jit else train_step
 
 
-def _train_step_fn(graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding=None):
+def _train_step_fn(
+    graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding=None, python_loop=False
+):
     def train_step(state: TrainState, images: jax.Array, key: jax.Array):
         if batch_sharding is not None:  # data parallel: each device takes its slice
             images = jax.lax.with_sharding_constraint(images, batch_sharding)
@@ -169,7 +174,8 @@ def _train_step_fn(graphdef, optimizer, binary, binarize, kl_warmup_steps, batch
         kl_weight = _kl_weight(state.step, kl_warmup_steps)
 
         def loss_fn(params: Params) -> tuple[jax.Array, Bound]:
-            bound = draw_bound(apply_model(graphdef, params)(x, model_key), x, kl_weight)
+            outputs = apply_model(graphdef, params)(x, model_key, python_loop=python_loop)
+            bound = draw_bound(outputs, x, kl_weight)
             return bound.loss, bound
 
         grads, bound = jax.grad(loss_fn, has_aux=True)(state.params)

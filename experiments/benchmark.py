@@ -1,0 +1,242 @@
+"""Speed, compile time, FLOP rate and memory of the DRAW train step.
+
+``python -m experiments.benchmark --json=bench.json`` prints a table and writes
+a list of records, one per configuration. Every rate is compared with matmuls
+timed in the same run on the same device (these machines are noisy):
+``flop_fraction`` = achieved FLOP/s / a 2048x2048 float32 matmul's FLOP/s, and
+``shaped_fraction`` = achieved / a matmul shaped like the encoder's fused gate
+matmul ([batch, read + dec + enc] x [read + dec + enc, 4 enc]).
+
+Quick (under a minute): ``--configs=small_attention --steps=5 --compile_sweep=false``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from draw_jax import data as data_lib
+from draw_jax import training
+from draw_jax.model import DrawConfig
+from experiments import cli
+
+CONFIGS = {
+    # The paper's MNIST setup (sec. 4.2).
+    "paper_attention": DrawConfig(),
+    "paper_no_attention": DrawConfig(read_attention=False, write_attention=False),
+    # The popular blog ports' small setup (ericjang/draw: T=10, z=10).
+    "small_attention": DrawConfig(T=10, z_size=10),
+    "small_no_attention": DrawConfig(T=10, z_size=10, read_attention=False, write_attention=False),
+    # For tests of this script only.
+    "tiny": DrawConfig(T=3, enc_size=16, dec_size=16, z_size=4),
+}
+
+flags.DEFINE_list("configs", [c for c in CONFIGS if c != "tiny"], f"Which of {', '.join(CONFIGS)}.")
+flags.DEFINE_integer("batch_size", 100, "Images per step.")
+flags.DEFINE_integer("steps", 20, "Timed steps per configuration (after warm-up).")
+flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
+flags.DEFINE_bool(
+    "compile_sweep", True, "Time compilation for T in 8, 16, 32, 64 (and one Python-unrolled T)."
+)
+flags.DEFINE_integer("unrolled_T", 16, "T of the Python-unrolled compile-time contrast (0 = skip).")
+flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Matmul dtype.")
+flags.DEFINE_string("json", None, "Write the records here.")
+flags.DEFINE_bool("data_pipeline", True, "Also time the host data pipeline on its own.")
+flags.DEFINE_integer("matmul_size", 2048, "Side of the square float32 reference matmul.")
+
+FLAGS = flags.FLAGS
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def _device_memory_mb() -> float | None:
+    stats = jax.devices()[0].memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / 2**20
+
+
+def _time_calls(fn, n: int) -> np.ndarray:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return np.asarray(times)
+
+
+def matmul_flops_per_s(m: int, k: int, n: int, reps: int = 20) -> float:
+    """FLOP/s of a float32 [m, k] x [k, n] matmul (median over reps)."""
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, b))
+    times = _time_calls(lambda: f(a, b), reps)
+    return 2.0 * m * k * n / float(np.median(times))
+
+
+def _build_step(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
+    graphdef, params = training.init_model(cfg, seed=0)
+    optimizer = training.make_optimizer(training.OptimConfig())
+    state = training.create_train_state(params, optimizer)
+    step = training.make_train_step(
+        graphdef, optimizer, binary=True, binarize="none", jit=False, python_loop=python_loop
+    )
+    return state, step
+
+
+def compile_seconds(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
+    state, step = _build_step(cfg, batch_size, python_loop)
+    images = jnp.zeros((batch_size, *cfg.image_shape), jnp.uint8)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, images, jax.random.key(0)).compile()
+    return time.perf_counter() - t0, compiled, state, images
+
+
+def _xla_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def flops_per_step(cfg: DrawConfig, batch_size: int) -> float:
+    """FLOPs of one train step from XLA's cost analysis.
+
+    XLA's HloCostAnalysis counts a while loop's body once, not once per trip,
+    so the scanned step under-reports by about a factor T. The step's FLOPs
+    are affine in T (identical steps), so we cost-analyse the Python-unrolled
+    step at T=3 and T=4 and extrapolate: flops(T) = f3 + (T - 3) * (f4 - f3).
+    (T=1 lets XLA simplify more away; the unrolled loop's stacking of per-step
+    outputs adds a little that grows with T, which the scan does not have, so
+    this is within a few percent of a fully unrolled count.)
+    """
+    f3, f4 = (
+        _xla_flops(compile_seconds(dataclasses.replace(cfg, T=T), batch_size, python_loop=True)[1])
+        for T in (3, 4)
+    )
+    return f3 + (cfg.T - 3) * (f4 - f3)
+
+
+def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, warmup: int, ref: dict) -> dict:
+    compile_s, compiled, state, _ = compile_seconds(cfg, batch_size)
+    flops = flops_per_step(cfg, batch_size)
+    rng = np.random.default_rng(0)
+    images = jnp.asarray(rng.integers(0, 2, (batch_size, *cfg.image_shape)), jnp.uint8)
+    holder = {"state": state}
+
+    def one(i=[0]):  # noqa: B006 - a counter for fresh keys
+        i[0] += 1
+        holder["state"], metrics = compiled(holder["state"], images, jax.random.key(i[0]))
+        return metrics["bound"]
+
+    _time_calls(one, warmup)
+    times = _time_calls(one, steps)
+    med = float(np.median(times))
+    achieved = flops / med
+    return {
+        "name": name,
+        "T": cfg.T,
+        "attention": cfg.read_attention and cfg.write_attention,
+        "batch_size": batch_size,
+        "compute_dtype": cfg.dtype,
+        "step_ms_median": med * 1e3,
+        "step_ms_p10": float(np.percentile(times, 10)) * 1e3,
+        "step_ms_p90": float(np.percentile(times, 90)) * 1e3,
+        "timed_steps": steps,
+        "images_per_s": batch_size / med,
+        "compile_s": compile_s,
+        "flops_per_step": flops,
+        "achieved_flops_per_s": achieved,
+        "matmul_flops_per_s": ref["matmul"],
+        "matmul_size": FLAGS.matmul_size,
+        "flop_fraction": achieved / ref["matmul"],
+        "shaped_matmul_flops_per_s": ref["shaped"][cfg.enc_size, cfg.read_size + cfg.dec_size + cfg.enc_size],
+        "shaped_fraction": achieved
+        / ref["shaped"][cfg.enc_size, cfg.read_size + cfg.dec_size + cfg.enc_size],
+        "peak_rss_mb": _peak_rss_mb(),
+        "device_peak_mb": _device_memory_mb(),
+        "device": str(jax.devices()[0].device_kind),
+    }
+
+
+def data_pipeline_images_per_s(batch_size: int, seconds: float = 1.0) -> dict:
+    """Host pipeline (shuffle + gather + host->device copy) on MNIST-sized arrays."""
+    images = np.random.default_rng(0).integers(0, 2, (50_000, 28, 28, 1), dtype=np.uint8)
+    it = data_lib.train_batches(images, batch_size, seed=0)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        jax.block_until_ready(jax.device_put(next(it)))
+        n += batch_size
+    return {
+        "name": "data_pipeline_host",
+        "batch_size": batch_size,
+        "images_per_s": n / (time.perf_counter() - t0),
+    }
+
+
+def _print_table(records: list[dict]) -> None:
+    cols = [
+        ("name", "{:<20}"), ("T", "{:>3}"), ("step_ms_median", "{:>9.1f}"), ("images_per_s", "{:>8.0f}"),
+        ("compile_s", "{:>7.1f}"), ("flops_per_step", "{:>9.3g}"), ("achieved_flops_per_s", "{:>9.3g}"),
+        ("flop_fraction", "{:>6.2f}"), ("shaped_fraction", "{:>6.2f}"), ("peak_rss_mb", "{:>7.0f}"),
+    ]  # fmt: skip
+    print(" ".join(f"{c[:9]:>9}" if i else f"{c:<20}" for i, (c, _) in enumerate(cols)))
+    for r in records:
+        if "step_ms_median" in r:
+            print(" ".join(fmt.format(r[c]) for c, fmt in cols))
+
+
+@cli.user_errors_as_messages
+def main(argv: list[str]) -> None:
+    unknown = [c for c in FLAGS.configs if c not in CONFIGS]
+    if unknown:
+        raise cli.ConfigError(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+    if FLAGS.steps < 1 or FLAGS.batch_size < 1:
+        raise cli.ConfigError("--steps and --batch_size must be >= 1")
+    configs = {n: dataclasses.replace(CONFIGS[n], dtype=FLAGS.compute_dtype) for n in FLAGS.configs}
+    b = FLAGS.batch_size
+    m = FLAGS.matmul_size
+    ref = {"matmul": matmul_flops_per_s(m, m, m), "shaped": {}}
+    for cfg in configs.values():
+        k = cfg.read_size + cfg.dec_size + cfg.enc_size
+        if (cfg.enc_size, k) not in ref["shaped"]:
+            ref["shaped"][cfg.enc_size, k] = matmul_flops_per_s(b, k, 4 * cfg.enc_size, reps=200)
+    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
+          f"{m}^3 float32 matmul: {ref['matmul'] / 1e9:.1f} GFLOP/s")  # fmt: skip
+    records = [benchmark_config(n, cfg, b, FLAGS.steps, FLAGS.warmup, ref) for n, cfg in configs.items()]
+    _print_table(records)
+    if FLAGS.compile_sweep:
+        base = configs.get("paper_attention", next(iter(configs.values())))
+        sweep = {}
+        for T in (8, 16, 32, 64):
+            sweep[T] = compile_seconds(dataclasses.replace(base, T=T), b)[0]
+        print("compile seconds by T (scan): " + ", ".join(f"T={T}: {s:.1f}" for T, s in sweep.items()))
+        print(f"compile ratio T=64 / T=8: {sweep[64] / sweep[8]:.2f}")
+        rec = {"name": "compile_sweep", "scan_compile_s": sweep, "ratio_64_to_8": sweep[64] / sweep[8]}
+        if FLAGS.unrolled_T:
+            T = FLAGS.unrolled_T
+            unrolled = compile_seconds(dataclasses.replace(base, T=T), b, python_loop=True)[0]
+            print(f"Python-unrolled T={T}: {unrolled:.1f}s (scan: {sweep.get(T, float('nan')):.1f}s)")
+            rec["unrolled_T"], rec["unrolled_compile_s"] = T, unrolled
+        records.append(rec)
+    if FLAGS.data_pipeline:
+        rec = data_pipeline_images_per_s(b)
+        print(f"host data pipeline: {rec['images_per_s']:.0f} images/s (batch {b})")
+        records.append(rec)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            json.dump(records, f, indent=2, default=str)
+        print(f"wrote {FLAGS.json}")
+
+
+if __name__ == "__main__":
+    app.run(main)
