@@ -30,7 +30,6 @@ __all__ = [
     "apply_model",
     "create_train_state",
     "init_model",
-    "make_eval_step",
     "make_optimizer",
     "make_train_step",
     "make_device_train_step",
@@ -232,17 +231,3 @@ def make_device_train_step(
         return jax.lax.scan(body, state, None, length=steps_per_call)
 
     return jax.jit(multi_step, donate_argnums=0)
-
-
-def make_eval_step(
-    graphdef: nnx.GraphDef, *, binary: bool, binarize: str
-) -> Callable[[Params, jax.Array, jax.Array], jax.Array]:
-    """Builds ``eval_step(params, images, key) -> per-example bound [b]`` (jitted)."""
-
-    @jax.jit
-    def eval_step(params: Params, images: jax.Array, key: jax.Array) -> jax.Array:
-        data_key, model_key = jax.random.split(key)
-        x = data_lib.preprocess(images, binary, binarize, data_key)
-        return draw_bound(apply_model(graphdef, params)(x, model_key), x).per_example
-
-    return eval_step
