@@ -183,11 +183,18 @@ def write(patches: jax.Array, window: Window, height: int, width: int) -> jax.Ar
         raise ValueError(f"patches must be square [batch, n, n(, c)], got shape {patches.shape}")
     fx, fy = filterbank(window, n, height, width)
     fx, fy = fx.astype(patches.dtype), fy.astype(patches.dtype)
+    # 1/gamma scales the n x n patch, not the h x w result (same product, and
+    # its gradient then reduces over n^2 values rather than h * w).
     inv_gamma = (1.0 / window.gamma).astype(patches.dtype)
     if patches.ndim == 3:
-        tmp = jnp.einsum("bnm,bmw->bnw", patches, fx)
-        canvas = jnp.einsum("bnh,bnw->bhw", fy, tmp)
-        return inv_gamma[:, None, None] * canvas
-    tmp = jnp.einsum("bnmc,bmw->bnwc", patches, fx)
-    canvas = jnp.einsum("bnh,bnwc->bhwc", fy, tmp)
-    return inv_gamma[:, None, None, None] * canvas
+        return _write_channels_first(patches[:, None] * inv_gamma[:, None, None, None], fx, fy)[:, 0]
+    # Channels next to the batch axis: the two contractions are then plain
+    # batched matmuls with no transposes (a free reshape when c == 1).
+    channels_first = jnp.moveaxis(patches, -1, 1) * inv_gamma[:, None, None, None]
+    return jnp.moveaxis(_write_channels_first(channels_first, fx, fy), 1, -1)
+
+
+def _write_channels_first(patches: jax.Array, fx: jax.Array, fy: jax.Array) -> jax.Array:
+    """[b, c, n, n] patches, fx [b, n, w], fy [b, n, h] -> [b, c, h, w] = Fy^T · p · Fx."""
+    tmp = jnp.einsum("bcnm,bmw->bcnw", patches, fx)
+    return jnp.einsum("bnh,bcnw->bchw", fy, tmp)
