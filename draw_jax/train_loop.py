@@ -169,6 +169,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
             f"--batch_size={cfg.data.batch_size} is larger than the training split ({len(train)} images)"
         )
 
+    steps_per_call = min(run.steps_per_call, steps_per_epoch)
+    if cfg.data.device_data and steps_per_call < run.steps_per_call:
+        logging.info(
+            "--steps_per_call=%d capped at %d, the steps of one epoch", run.steps_per_call, steps_per_epoch
+        )
+
     graphdef, params = training.init_model(cfg.model, run.seed)
     optimizer = training.make_optimizer(cfg.optim)
     state = training.create_train_state(params, optimizer)
@@ -201,7 +207,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
                 batch_sharding=parallel.batch,
                 **step_kwargs,
             )
-            for k in {run.steps_per_call, 1}
+            for k in {steps_per_call, 1}
         }
         perms_epoch, perms = None, None
     else:
@@ -243,7 +249,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
     while step < run.num_steps:
         t0 = time.time()
         if cfg.data.device_data:
-            k = run.steps_per_call if run.num_steps - step >= run.steps_per_call else 1
+            k = steps_per_call if run.num_steps - step >= steps_per_call else 1
             epoch = step // steps_per_epoch
             if perms_epoch != epoch:
                 perms = jnp.stack(

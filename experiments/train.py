@@ -69,7 +69,9 @@ flags.DEFINE_integer("eval_every", 5_000, "Steps between held-out evaluations (0
 flags.DEFINE_integer("checkpoint_every", 1_000, "Steps between checkpoints (0 = at the end only).")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.")
 flags.DEFINE_integer("eval_examples", 0, "Held-out images used by periodic evaluation (0 = all).")
-flags.DEFINE_integer("steps_per_call", 1, "Train steps per compiled call (with --device_data).")
+flags.DEFINE_integer(
+    "steps_per_call", 10, "Train steps per compiled call (with --device_data; capped at one epoch)."
+)
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods).")
 
 FLAGS = flags.FLAGS
