@@ -2,7 +2,8 @@
 
 ``python -m experiments.benchmark --json=bench.json`` prints a table and writes
 a list of records, one per configuration. Every rate is compared with matmuls
-timed in the same run on the same device (these machines are noisy):
+timed in the same run on the same device, sampled between the timed calls
+(these machines are noisy; see ``MatmulReference``):
 ``flop_fraction`` = achieved FLOP/s / a 2048x2048 float32 matmul's FLOP/s, and
 ``shaped_fraction`` = achieved / a matmul shaped like the encoder's fused gate
 matmul ([batch, read + dec + enc] x [read + dec + enc, 4 enc]).
@@ -94,6 +95,59 @@ def matmul_flops_per_s(m: int, k: int, n: int, reps: int = 20) -> float:
     return 2.0 * m * k * n / float(np.median(times))
 
 
+class MatmulReference:
+    """Float32 matmul FLOP/s, sampled between the timed train-step calls.
+
+    On a shared machine the speed drifts by tens of percent within minutes, so
+    a reference measured once at the start can flatter or wrong the step. Each
+    ``sample()`` times one [size, size] x [size, size] matmul and ``reps``
+    matmuls shaped like the encoder's gate matmul right next to a timed call;
+    the rates are medians over those samples.
+    """
+
+    def __init__(self, size: int, shaped: tuple[int, int, int], reps: int = 50) -> None:
+        key = jax.random.key(0)
+        self._big = [jax.random.normal(key, (size, size), jnp.float32)] * 2
+        m, k, n = shaped
+        self._shaped = [jax.random.normal(key, (m, k)), jax.random.normal(key, (k, n))]
+        self._flops = (2.0 * size**3, 2.0 * m * k * n * reps)
+        self._reps = reps
+        self._mm = jax.jit(jnp.matmul)
+        jax.block_until_ready((self._mm(*self._big), self._mm(*self._shaped)))
+        self.big_samples: list[float] = []
+        self.shaped_samples: list[float] = []
+
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        jax.block_until_ready(self._mm(*self._big))
+        t1 = time.perf_counter()
+        for _ in range(self._reps):
+            out = self._mm(*self._shaped)
+        jax.block_until_ready(out)
+        t2 = time.perf_counter()
+        self.big_samples.append(self._flops[0] / (t1 - t0))
+        self.shaped_samples.append(self._flops[1] / (t2 - t1))
+
+    @property
+    def matmul(self) -> float:
+        return float(np.median(self.big_samples))
+
+    @property
+    def shaped(self) -> float:
+        return float(np.median(self.shaped_samples))
+
+
+def _time_interleaved(fn, n: int, ref: MatmulReference) -> np.ndarray:
+    """Like ``_time_calls``, with a reference sample after each timed call."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+        ref.sample()
+    return np.asarray(times)
+
+
 def _build_step(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
     graphdef, params = training.init_model(cfg, seed=0)
     optimizer = training.make_optimizer(training.OptimConfig())
@@ -136,7 +190,9 @@ def flops_per_step(cfg: DrawConfig, batch_size: int) -> float:
     return f3 + (cfg.T - 3) * (f4 - f3)
 
 
-def _device_step_seconds(cfg: DrawConfig, state, batch_size: int, steps: int, warmup: int, k: int):
+def _device_step_seconds(
+    cfg: DrawConfig, state, batch_size: int, steps: int, warmup: int, k: int, ref: MatmulReference
+):
     """(compile seconds, [seconds per step of each timed call]) of train.py's default path.
 
     The training split on the device, k steps per compiled call
@@ -168,10 +224,10 @@ def _device_step_seconds(cfg: DrawConfig, state, batch_size: int, steps: int, wa
         return metrics["bound"]
 
     _time_calls(call, max(1, -(-warmup // k)))
-    return compile_s, _time_calls(call, -(-steps // k)) / k
+    return compile_s, _time_interleaved(call, -(-steps // k), ref) / k
 
 
-def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, warmup: int, ref: dict) -> dict:
+def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, warmup: int) -> dict:
     compile_s, compiled, state, _ = compile_seconds(cfg, batch_size)
     flops = flops_per_step(cfg, batch_size)
     rng = np.random.default_rng(0)
@@ -186,10 +242,12 @@ def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, wa
     _time_calls(one, warmup)
     single = _time_calls(one, steps)
     k = FLAGS.steps_per_call
-    multi_compile_s, times = _device_step_seconds(cfg, holder["state"], batch_size, steps, warmup, k)
+    gate_k = cfg.read_size + cfg.dec_size + cfg.enc_size
+    ref = MatmulReference(FLAGS.matmul_size, (batch_size, gate_k, 4 * cfg.enc_size))
+    multi_compile_s, times = _device_step_seconds(cfg, holder["state"], batch_size, steps, warmup, k, ref)
     med = float(np.median(times))
     achieved = flops / med
-    shaped = ref["shaped"][cfg.enc_size, cfg.read_size + cfg.dec_size + cfg.enc_size]
+    shaped = ref.shaped
     return {
         "name": name,
         "T": cfg.T,
@@ -207,9 +265,9 @@ def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, wa
         "compile_s_steps_per_call": multi_compile_s,
         "flops_per_step": flops,
         "achieved_flops_per_s": achieved,
-        "matmul_flops_per_s": ref["matmul"],
+        "matmul_flops_per_s": ref.matmul,
         "matmul_size": FLAGS.matmul_size,
-        "flop_fraction": achieved / ref["matmul"],
+        "flop_fraction": achieved / ref.matmul,
         "shaped_matmul_flops_per_s": shaped,
         "shaped_fraction": achieved / shaped,
         "peak_rss_mb": _peak_rss_mb(),
@@ -256,14 +314,9 @@ def main(argv: list[str]) -> None:
     configs = {n: dataclasses.replace(CONFIGS[n], dtype=FLAGS.compute_dtype) for n in FLAGS.configs}
     b = FLAGS.batch_size
     m = FLAGS.matmul_size
-    ref = {"matmul": matmul_flops_per_s(m, m, m), "shaped": {}}
-    for cfg in configs.values():
-        k = cfg.read_size + cfg.dec_size + cfg.enc_size
-        if (cfg.enc_size, k) not in ref["shaped"]:
-            ref["shaped"][cfg.enc_size, k] = matmul_flops_per_s(b, k, 4 * cfg.enc_size, reps=200)
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
-          f"{m}^3 float32 matmul: {ref['matmul'] / 1e9:.1f} GFLOP/s")  # fmt: skip
-    records = [benchmark_config(n, cfg, b, FLAGS.steps, FLAGS.warmup, ref) for n, cfg in configs.items()]
+          f"{m}^3 float32 matmul: {matmul_flops_per_s(m, m, m) / 1e9:.1f} GFLOP/s (at start)")  # fmt: skip
+    records = [benchmark_config(n, cfg, b, FLAGS.steps, FLAGS.warmup) for n, cfg in configs.items()]
     _print_table(records)
     if FLAGS.compile_sweep:
         base = configs.get("paper_attention", next(iter(configs.values())))

@@ -96,7 +96,8 @@ def test_benchmark_emits_every_field(tmp_path):
     required = [
         "name", "T", "attention", "batch_size", "step_ms_median", "images_per_s", "compile_s",
         "flops_per_step", "achieved_flops_per_s", "matmul_flops_per_s", "flop_fraction",
-        "shaped_matmul_flops_per_s", "peak_rss_mb",
+        "shaped_matmul_flops_per_s", "peak_rss_mb", "steps_per_call", "timed_steps",
+        "single_call_step_ms_median",
     ]  # fmt: skip
     for field in required:
         assert field in step, field
@@ -104,6 +105,8 @@ def test_benchmark_emits_every_field(tmp_path):
     np.testing.assert_allclose(
         step["flop_fraction"], step["achieved_flops_per_s"] / step["matmul_flops_per_s"]
     )
+    # The timed path is train.py's default: whole calls of --steps_per_call steps.
+    assert step["steps_per_call"] == 10 and step["timed_steps"] >= 3 and step["timed_steps"] % 10 == 0
     sweep = next(r for r in records if r["name"] == "compile_sweep")
     assert set(map(int, sweep["scan_compile_s"])) == {8, 16, 32, 64} and sweep["unrolled_T"] == 3
     assert next(r for r in records if r["name"] == "data_pipeline_host")["images_per_s"] > 0
