@@ -69,8 +69,8 @@ class RunConfig:
     log_every, eval_every, checkpoint_every: intervals in steps (0 = only at the end).
     keep_checkpoints: how many recent checkpoints to keep.
     eval_examples: images of the eval split used during training (0 = all).
-    steps_per_call: train steps per compiled call (device data only; at most
-      one epoch's steps are used). Several steps per call amortise the
+    steps_per_call: train steps per compiled call (device data only; reduced to fit
+      in an epoch and to divide the log, checkpoint and eval intervals). Several steps per call amortise the
       per-call dispatch and the fresh allocation of the step's working memory
       (measured: 0.82x the time per step at 10 on the paper config, CPU).
     """

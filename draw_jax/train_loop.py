@@ -10,6 +10,7 @@ only feeds it, on one device or data-parallel over all of them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from typing import Any
@@ -169,10 +170,18 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
             f"--batch_size={cfg.data.batch_size} is larger than the training split ({len(train)} images)"
         )
 
-    steps_per_call = min(run.steps_per_call, steps_per_epoch)
+    # Calls of k steps start at multiples of k, and k divides every interval,
+    # so no call runs past a log, checkpoint or evaluation step.
+    steps_per_call = math.gcd(
+        min(run.steps_per_call, steps_per_epoch), run.log_every, run.checkpoint_every, run.eval_every
+    )
     if cfg.data.device_data and steps_per_call < run.steps_per_call:
         logging.info(
-            "--steps_per_call=%d capped at %d, the steps of one epoch", run.steps_per_call, steps_per_epoch
+            "--steps_per_call=%d reduced to %d: it must fit in an epoch (%d steps) and divide "
+            "--log_every, --checkpoint_every and --eval_every",
+            run.steps_per_call,
+            steps_per_call,
+            steps_per_epoch,
         )
 
     graphdef, params = training.init_model(cfg.model, run.seed)
@@ -249,7 +258,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
     while step < run.num_steps:
         t0 = time.time()
         if cfg.data.device_data:
-            k = steps_per_call if run.num_steps - step >= steps_per_call else 1
+            whole = step % steps_per_call == 0 and run.num_steps - step >= steps_per_call
+            k = steps_per_call if whole else 1
             epoch = step // steps_per_epoch
             if perms_epoch != epoch:
                 perms = jnp.stack(
