@@ -8,6 +8,11 @@ timed in the same run on the same device, sampled between the timed calls
 ``shaped_fraction`` = achieved / a matmul shaped like the encoder's fused gate
 matmul ([batch, read + dec + enc] x [read + dec + enc, 4 enc]).
 
+``gate_matmul_ms_per_step`` is what the LSTM gate matmuls alone take per
+step (forward, input- and weight-gradient products timed in a T-trip scan at
+the step's shapes); with ``gate_matmul_flop_share`` it bounds how close the
+whole step can get to the reference matmuls.
+
 The timed step is the one ``python -m experiments.train`` runs by default: the
 training split on the device and ``--steps_per_call`` steps per compiled call.
 ``single_call_step_ms_median`` is one host-fed step per call, for contrast.
@@ -166,6 +171,70 @@ def compile_seconds(cfg: DrawConfig, batch_size: int, python_loop: bool = False)
     return time.perf_counter() - t0, compiled, state, images
 
 
+def scan_matmul_seconds(m: int, k: int, n: int, length: int, reps: int = 5) -> dict[str, float]:
+    """Seconds per product of the three matmuls of a [m, k] x [k, n] layer inside a scan.
+
+    The train step's gate matmuls run inside the T-step ``lax.scan``: forward
+    ``x @ W``, input gradient ``g @ W^T`` and weight gradient ``W += x^T g``.
+    Each form is timed alone in a scan of ``length`` trips over fresh [m, .]
+    inputs (the first two stack their outputs, as the scan does; the third
+    accumulates), median over ``reps`` calls. Together with the FLOP count
+    this bounds the step from below: the time its gate matmuls would take if
+    nothing else in the step took any.
+    """
+    key = jax.random.key(0)
+    w = jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)
+    xs = jax.random.normal(key, (length, m, k), jnp.float32)
+    gs = jax.random.normal(key, (length, m, n), jnp.float32)
+
+    def forward(w, xs):
+        return jax.lax.scan(lambda c, x: (c, x @ w), 0.0, xs)[1]
+
+    def input_grad(w, gs):
+        return jax.lax.scan(lambda c, g: (c, g @ w.T), 0.0, gs)[1]
+
+    def weight_grad(xs, gs):
+        return jax.lax.scan(lambda acc, xg: (acc + xg[0].T @ xg[1], None), jnp.zeros((k, n)), (xs, gs))[0]
+
+    out = {}
+    for name, f, args in (
+        ("forward", forward, (w, xs)),
+        ("input_grad", input_grad, (w, gs)),
+        ("weight_grad", weight_grad, (xs, gs)),
+    ):
+        compiled = jax.jit(f).lower(*args).compile()
+        jax.block_until_ready(compiled(*args))
+        out[name] = float(np.median(_time_calls(lambda c=compiled, a=args: c(*a), reps))) / length
+    return out
+
+
+def gate_matmul_bound(cfg: DrawConfig, batch_size: int) -> dict:
+    """The step's LSTM gate matmuls measured alone (``scan_matmul_seconds``).
+
+    Returns the FLOP/s of each form for the encoder's shape, the gate
+    matmuls' FLOPs per step, and ``gate_matmul_ms_per_step``: the time both
+    LSTMs' forward, input-gradient and weight-gradient products take per
+    train step at those in-scan rates, a floor under the step time.
+    """
+    shapes = {
+        "encoder": (batch_size, cfg.read_size + cfg.dec_size + cfg.enc_size, 4 * cfg.enc_size),
+        "decoder": (batch_size, cfg.z_size + cfg.dec_size, 4 * cfg.dec_size),
+    }
+    total_s, total_flops, rates = 0.0, 0.0, {}
+    for name, (m, k, n) in shapes.items():
+        seconds = scan_matmul_seconds(m, k, n, cfg.T)
+        flops = 2.0 * m * k * n
+        total_s += cfg.T * sum(seconds.values())
+        total_flops += 3 * cfg.T * flops
+        if name == "encoder":
+            rates = {form: flops / s for form, s in seconds.items()}
+    return {
+        "scan_gate_matmul_flops_per_s": rates,
+        "gate_matmul_flops_per_step": total_flops,
+        "gate_matmul_ms_per_step": total_s * 1e3,
+    }
+
+
 def _xla_flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -248,6 +317,7 @@ def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, wa
     med = float(np.median(times))
     achieved = flops / med
     shaped = ref.shaped
+    bound = gate_matmul_bound(cfg, batch_size)
     return {
         "name": name,
         "T": cfg.T,
@@ -270,6 +340,9 @@ def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, wa
         "flop_fraction": achieved / ref.matmul,
         "shaped_matmul_flops_per_s": shaped,
         "shaped_fraction": achieved / shaped,
+        **bound,
+        "gate_matmul_flop_share": bound["gate_matmul_flops_per_step"] / flops,
+        "gate_matmul_time_share": bound["gate_matmul_ms_per_step"] / (med * 1e3),
         "peak_rss_mb": _peak_rss_mb(),
         "device_peak_mb": _device_memory_mb(),
         "device": str(jax.devices()[0].device_kind),
@@ -296,7 +369,8 @@ def _print_table(records: list[dict]) -> None:
         ("name", "{:<20}"), ("T", "{:>3}"), ("step_ms_median", "{:>9.1f}"),
         ("single_call_step_ms_median", "{:>9.1f}"), ("images_per_s", "{:>8.0f}"),
         ("compile_s", "{:>7.1f}"), ("flops_per_step", "{:>9.3g}"), ("achieved_flops_per_s", "{:>9.3g}"),
-        ("flop_fraction", "{:>6.2f}"), ("shaped_fraction", "{:>6.2f}"), ("peak_rss_mb", "{:>7.0f}"),
+        ("flop_fraction", "{:>6.2f}"), ("shaped_fraction", "{:>6.2f}"),
+        ("gate_matmul_ms_per_step", "{:>9.1f}"), ("peak_rss_mb", "{:>7.0f}"),
     ]  # fmt: skip
     print(" ".join(f"{c[:9]:>9}" if i else f"{c:<20}" for i, (c, _) in enumerate(cols)))
     for r in records:

@@ -97,7 +97,8 @@ def test_benchmark_emits_every_field(tmp_path):
         "name", "T", "attention", "batch_size", "step_ms_median", "images_per_s", "compile_s",
         "flops_per_step", "achieved_flops_per_s", "matmul_flops_per_s", "flop_fraction",
         "shaped_matmul_flops_per_s", "peak_rss_mb", "steps_per_call", "timed_steps",
-        "single_call_step_ms_median",
+        "single_call_step_ms_median", "scan_gate_matmul_flops_per_s", "gate_matmul_flops_per_step",
+        "gate_matmul_ms_per_step", "gate_matmul_flop_share", "gate_matmul_time_share",
     ]  # fmt: skip
     for field in required:
         assert field in step, field
@@ -105,6 +106,13 @@ def test_benchmark_emits_every_field(tmp_path):
     np.testing.assert_allclose(
         step["flop_fraction"], step["achieved_flops_per_s"] / step["matmul_flops_per_s"]
     )
+    # The gate matmuls (3 products x 2 LSTMs x T steps) are part of the FLOPs
+    # XLA counts for the whole step, and each was timed in its scan.
+    b, e, d, z, read = 100, 16, 16, 4, 2 * 2 * 2
+    gate = 3 * 3 * 2 * b * ((read + d + e) * 4 * e + (z + d) * 4 * d)
+    assert step["gate_matmul_flops_per_step"] == gate < step["flops_per_step"]
+    assert set(step["scan_gate_matmul_flops_per_s"]) == {"forward", "input_grad", "weight_grad"}
+    assert min(step["scan_gate_matmul_flops_per_s"].values()) > 0 and step["gate_matmul_ms_per_step"] > 0
     # The timed path is train.py's default: whole calls of --steps_per_call steps.
     assert step["steps_per_call"] == 10 and step["timed_steps"] >= 3 and step["timed_steps"] % 10 == 0
     sweep = next(r for r in records if r["name"] == "compile_sweep")
