@@ -179,8 +179,8 @@ def scan_matmul_seconds(m: int, k: int, n: int, length: int, reps: int = 5) -> d
     Each form is timed alone in a scan of ``length`` trips over fresh [m, .]
     inputs (the first two stack their outputs, as the scan does; the third
     accumulates), median over ``reps`` calls. Together with the FLOP count
-    this bounds the step from below: the time its gate matmuls would take if
-    nothing else in the step took any.
+    this estimates a floor under the step: the time its gate matmuls take,
+    compiled as XLA compiles the step's own, if nothing else took any.
     """
     key = jax.random.key(0)
     w = jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)
@@ -214,7 +214,8 @@ def gate_matmul_bound(cfg: DrawConfig, batch_size: int) -> dict:
     Returns the FLOP/s of each form for the encoder's shape, the gate
     matmuls' FLOPs per step, and ``gate_matmul_ms_per_step``: the time both
     LSTMs' forward, input-gradient and weight-gradient products take per
-    train step at those in-scan rates, a floor under the step time.
+    train step at those in-scan rates (an estimate of the floor under the
+    step time; in context XLA may run a product somewhat faster or slower).
     """
     shapes = {
         "encoder": (batch_size, cfg.read_size + cfg.dec_size + cfg.enc_size, 4 * cfg.enc_size),
