@@ -4,22 +4,27 @@ Pure JAX functions, no Flax: ``from draw_jax import attention`` works inside any
 JAX model. Equation numbers refer to Gregor et al., "DRAW: A Recurrent Neural
 Network For Image Generation", ICML 2015, https://arxiv.org/abs/1502.04623.
 
-Notation (shapes in docstrings use these letters):
+Notation (the project's one notation, see ``draw_jax/__init__.py``):
   b = batch, h = image height (the paper's B), w = image width (the paper's A),
-  n = glimpse size (an n x n grid of filters), c = channels.
+  c = channels, n = glimpse size (an n x n grid of filters).
 
 Coordinates are 0-indexed pixel coordinates: pixel ``a`` of a row of width w
 has centre ``a`` for ``a = 0 .. w-1``, so the image centre is ``(w - 1) / 2``.
 The paper writes its formulas 1-indexed; ``window_from_params`` converts them
 so that the normalised centre ``g~ = 0`` lands exactly on the image centre.
 
+A ``Window`` carries its glimpse size ``n``: ``read`` takes the grid size from
+the window, and ``write`` refuses a patch of another size, so a window can
+never be used with a grid it was not made for. Image sizes are keyword-only
+everywhere (``height=``, ``width=``), so they cannot be swapped.
+
 Example:
   >>> import jax.numpy as jnp
   >>> from draw_jax import attention
   >>> images = jnp.ones((8, 28, 28))
   >>> params = jnp.zeros((8, 5))            # what a linear layer would emit
-  >>> win = attention.window_from_params(params, height=28, width=28, n=5)
-  >>> attention.read(images, win, n=5).shape
+  >>> win = attention.window_from_params(params, n=5, height=28, width=28)
+  >>> attention.read(images, win).shape
   (8, 5, 5)
   >>> attention.write(jnp.ones((8, 5, 5)), win, height=28, width=28).shape
   (8, 28, 28)
@@ -27,17 +32,25 @@ Example:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import dataclasses
+import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 
-__all__ = ["Window", "filterbank", "read", "window_from_params", "write"]
+__all__ = ["WINDOW_FIELDS", "Window", "filterbank", "read", "window_from_params", "write"]
+
+# The array fields of a window, in the order a linear layer emits their parameters.
+WINDOW_FIELDS = ("gx", "gy", "sigma2", "delta", "gamma")
 
 
-class Window(NamedTuple):
-    """An attention window, one per example.
+@functools.partial(jax.tree_util.register_dataclass, data_fields=list(WINDOW_FIELDS), meta_fields=["n"])
+@dataclasses.dataclass(frozen=True, eq=False)
+class Window:
+    """An attention window, one per example, for an n x n grid of filters.
+
+    A pytree: the five arrays are its leaves, ``n`` is static metadata (so
+    windows stack over steps under ``lax.scan``, and ``jit`` specialises on n).
 
     Attributes:
       gx: [b] horizontal centre of the grid, 0-indexed pixels.
@@ -45,6 +58,7 @@ class Window(NamedTuple):
       sigma2: [b] isotropic variance of each Gaussian filter, pixels^2.
       delta: [b] stride between neighbouring filters, pixels.
       gamma: [b] scalar intensity (multiplies a read, divides a write).
+      n: the glimpse size this window was made for (an n x n grid).
     """
 
     gx: jax.Array
@@ -52,16 +66,17 @@ class Window(NamedTuple):
     sigma2: jax.Array
     delta: jax.Array
     gamma: jax.Array
+    n: int
 
 
-def window_from_params(params: jax.Array, height: int, width: int, n: int) -> Window:
+def window_from_params(params: jax.Array, *, n: int, height: int, width: int) -> Window:
     """Maps a linear layer's 5 outputs to an attention window (eq. 21-24).
 
     Args:
       params: [b, 5] holding (g~x, g~y, log sigma^2, log delta~, log gamma).
+      n: glimpse size; the grid is n x n. Stored in the window.
       height: image height h (the paper's B).
       width: image width w (the paper's A).
-      n: glimpse size; the grid is n x n.
 
     Returns:
       A ``Window`` of [b] arrays in 0-indexed pixel coordinates:
@@ -70,22 +85,54 @@ def window_from_params(params: jax.Array, height: int, width: int, n: int) -> Wi
       ``delta = (max(h, w) - 1) / (n - 1) * delta~`` (eq. 24; for n = 1 the
       single filter sits at g and delta only scales nothing, so the divisor
       is taken as 1); ``sigma2``, ``delta~`` and ``gamma`` through exp (eq. 21).
+
+    Raises:
+      ValueError: n or a size is not a positive integer, or params is not [b, 5].
     """
-    if n < 1:
-        raise ValueError(f"glimpse size n must be >= 1, got n={n}")
-    if params.shape[-1] != 5:
+    _check_size("n", n)
+    _check_size("height", height)
+    _check_size("width", width)
+    if params.ndim != 2 or params.shape[-1] != 5:
         raise ValueError(
-            f"attention params must have a last axis of 5 "
+            "attention params must be [batch, 5] "
             f"(g~x, g~y, log sigma^2, log delta~, log gamma), got shape {params.shape}"
         )
+    if not jnp.issubdtype(params.dtype, jnp.floating):
+        params = params.astype(jnp.float32)
     gx_, gy_, log_sigma2, log_delta_, log_gamma = jnp.moveaxis(params, -1, 0)
     gx = (width + 1) / 2 * (gx_ + 1) - 1
     gy = (height + 1) / 2 * (gy_ + 1) - 1
     delta = (max(height, width) - 1) / max(n - 1, 1) * jnp.exp(log_delta_)
-    return Window(gx=gx, gy=gy, sigma2=jnp.exp(log_sigma2), delta=delta, gamma=jnp.exp(log_gamma))
+    return Window(gx=gx, gy=gy, sigma2=jnp.exp(log_sigma2), delta=delta, gamma=jnp.exp(log_gamma), n=n)
 
 
-def _filters_1d(centre: jax.Array, window: Window, n: int, size: int) -> jax.Array:
+def _check_size(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_window(window: Window, batch: int | None = None) -> None:
+    """Every field [b] with one b (matching ``batch`` if given), and n a positive int."""
+    if not isinstance(window, Window):
+        raise TypeError(f"expected an attention.Window, got {type(window).__name__}")
+    _check_size("Window.n", window.n)
+    for name in WINDOW_FIELDS:
+        shape = jnp.shape(getattr(window, name))
+        if len(shape) != 1:
+            raise ValueError(f"Window.{name} must be [batch], got shape {shape}")
+    lengths = {name: jnp.shape(getattr(window, name))[0] for name in WINDOW_FIELDS}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"Window fields disagree on the batch size: {lengths}")
+    if batch is not None and lengths["gx"] != batch:
+        raise ValueError(f"the window is for a batch of {lengths['gx']}, the images have {batch}")
+
+
+def _as_float(x: jax.Array) -> jax.Array:
+    """Integer or boolean images (uint8 MNIST) are read in float32; floats keep their dtype."""
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(jnp.float32)
+
+
+def _filters_1d(centre: jax.Array, window: Window, size: int) -> jax.Array:
     """[b] grid centres -> [b, n, size] row-normalised Gaussian filters."""
     dtype = centre.dtype
     # Work in at least float32: exp of a squared distance loses all precision
@@ -94,6 +141,7 @@ def _filters_1d(centre: jax.Array, window: Window, n: int, size: int) -> jax.Arr
     centre = centre.astype(work)
     delta = window.delta.astype(work)
     sigma2 = window.sigma2.astype(work)
+    n = window.n
     offsets = jnp.arange(n, dtype=work) - (n - 1) / 2  # symmetric about g
     mu = centre[:, None] + offsets[None, :] * delta[:, None]  # eq. 19-20, [b, n]
     pixels = jnp.arange(size, dtype=work)
@@ -106,7 +154,7 @@ def _filters_1d(centre: jax.Array, window: Window, n: int, size: int) -> jax.Arr
     return f.astype(dtype)
 
 
-def filterbank(window: Window, n: int, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+def filterbank(window: Window, *, height: int, width: int) -> tuple[jax.Array, jax.Array]:
     """Horizontal and vertical filterbank matrices of a window (eq. 19-26).
 
     Filter i (i = 0 .. n-1) is centred at ``mu_i = g + (i - (n - 1) / 2) * delta``,
@@ -114,18 +162,22 @@ def filterbank(window: Window, n: int, height: int, width: int) -> tuple[jax.Arr
     with each row normalised to sum to 1 over the image axis.
 
     Args:
-      window: a ``Window`` of [b] arrays.
-      n: glimpse size.
+      window: a ``Window`` of [b] arrays; its ``n`` sets the number of filters.
       height: image height h.
       width: image width w.
 
     Returns:
       (fx, fy): fx is [b, n, w], fy is [b, n, h], in the window's dtype.
+
+    Raises:
+      ValueError: a window field is not [b], or the fields disagree on b.
     """
-    chex.assert_rank([window.gx, window.gy, window.sigma2, window.delta], 1)
-    fx = _filters_1d(window.gx, window, n, width)
-    fy = _filters_1d(window.gy, window, n, height)
-    return fx, fy
+    _check_window(window)
+    _check_size("height", height)
+    _check_size("width", width)
+    gx = _as_float(jnp.asarray(window.gx))
+    gy = _as_float(jnp.asarray(window.gy))
+    return _filters_1d(gx, window, width), _filters_1d(gy, window, height)
 
 
 def _check_images(images: jax.Array, name: str) -> None:
@@ -136,22 +188,30 @@ def _check_images(images: jax.Array, name: str) -> None:
         )
 
 
-def read(images: jax.Array, window: Window, n: int) -> jax.Array:
-    """Extracts an n x n glimpse: ``gamma * Fy · x · Fx^T`` (eq. 27).
+def read(images: jax.Array, window: Window) -> jax.Array:
+    """Extracts an n x n glimpse: ``gamma * Fy · x · Fx^T`` (eq. 27), n = ``window.n``.
 
     Every channel is read through the same window, as the paper does for colour.
+    Integer (e.g. uint8) or boolean images are read in float32 with their
+    values unchanged (uint8 0..255 gives a glimpse on the 0..255 scale);
+    floating images keep their dtype (bfloat16 in, bfloat16 out).
 
     Args:
       images: [b, h, w] or [b, h, w, c].
       window: a ``Window`` of [b] arrays.
-      n: glimpse size.
 
     Returns:
-      [b, n, n] or [b, n, n, c]: glimpse rows follow Fy, columns follow Fx.
+      [b, n, n] or [b, n, n, c] floating: glimpse rows follow Fy, columns follow Fx.
+
+    Raises:
+      ValueError: images are not rank 3 or 4, a window field is not [b], or
+        the window's batch differs from the images'.
     """
     _check_images(images, "images")
+    _check_window(window, images.shape[0])
+    images = _as_float(images)
     height, width = images.shape[1], images.shape[2]
-    fx, fy = filterbank(window, n, height, width)
+    fx, fy = filterbank(window, height=height, width=width)
     fx, fy = fx.astype(images.dtype), fy.astype(images.dtype)
     gamma = window.gamma.astype(images.dtype)
     if images.ndim == 3:
@@ -163,25 +223,35 @@ def read(images: jax.Array, window: Window, n: int) -> jax.Array:
     return gamma[:, None, None, None] * glimpse
 
 
-def write(patches: jax.Array, window: Window, height: int, width: int) -> jax.Array:
-    """Places an n x n patch on an h x w canvas: ``(1 / gamma) * Fy^T · w · Fx`` (eq. 29).
+def write(patches: jax.Array, window: Window, *, height: int, width: int) -> jax.Array:
+    """Places an n x n patch on an h x w canvas: ``(1 / gamma) * Fy^T · p · Fx`` (eq. 29).
 
     The adjoint of ``read`` up to gamma: ``<read(x), p> / gamma == gamma * <x, write(p)>``.
+    Integer patches are written in float32; floating patches keep their dtype.
 
     Args:
-      patches: [b, n, n] or [b, n, n, c].
+      patches: [b, n, n] or [b, n, n, c], n = ``window.n``.
       window: a ``Window`` of [b] arrays.
       height: canvas height h.
       width: canvas width w.
 
     Returns:
-      [b, h, w] or [b, h, w, c].
+      [b, h, w] or [b, h, w, c] floating.
+
+    Raises:
+      ValueError: patches are not [b, n, n(, c)] for the window's n and batch,
+        or a window field is not [b].
     """
     _check_images(patches, "patches")
-    n = patches.shape[1]
-    if patches.shape[2] != n:
-        raise ValueError(f"patches must be square [batch, n, n(, c)], got shape {patches.shape}")
-    fx, fy = filterbank(window, n, height, width)
+    _check_window(window, patches.shape[0])
+    n = window.n
+    if patches.shape[1:3] != (n, n):
+        raise ValueError(
+            f"patches must be [batch, {n}, {n}(, channels)] for a window made for n={n}, "
+            f"got shape {patches.shape}"
+        )
+    patches = _as_float(patches)
+    fx, fy = filterbank(window, height=height, width=width)
     fx, fy = fx.astype(patches.dtype), fy.astype(patches.dtype)
     # 1/gamma scales the n x n patch, not the h x w result (same product, and
     # its gradient then reduces over n^2 values rather than h * w).

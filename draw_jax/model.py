@@ -229,9 +229,9 @@ class DRAW(nnx.Module):
         if not cfg.read_attention:
             return jnp.concatenate([x.reshape(b, -1), x_hat.reshape(b, -1)], axis=-1), None
         params = self.read_window(h_dec).astype(jnp.float32)
-        win = attention.window_from_params(params, cfg.height, cfg.width, cfg.read_n)
+        win = attention.window_from_params(params, n=cfg.read_n, height=cfg.height, width=cfg.width)
         both = jnp.concatenate([x, x_hat], axis=-1)  # one read for both images
-        glimpse = attention.read(both, win, cfg.read_n)  # [b, n, n, 2c]
+        glimpse = attention.read(both, win)  # [b, n, n, 2c]
         gx, gxh = jnp.split(glimpse, 2, axis=-1)
         return jnp.concatenate([gx.reshape(b, -1), gxh.reshape(b, -1)], axis=-1), win
 
@@ -243,9 +243,9 @@ class DRAW(nnx.Module):
         if not cfg.write_attention:
             return patch.reshape(b, *cfg.image_shape), None
         params = self.write_window(h_dec).astype(jnp.float32)
-        win = attention.window_from_params(params, cfg.height, cfg.width, cfg.write_n)
+        win = attention.window_from_params(params, n=cfg.write_n, height=cfg.height, width=cfg.width)
         patch = patch.reshape(b, cfg.write_n, cfg.write_n, cfg.channels)
-        return attention.write(patch, win, cfg.height, cfg.width), win
+        return attention.write(patch, win, height=cfg.height, width=cfg.width), win
 
     def step(
         self, carry: _Carry, x: jax.Array, eps: jax.Array
