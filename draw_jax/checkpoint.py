@@ -7,7 +7,11 @@ like a valid checkpoint; ``latest_step`` only sees finished ones.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -38,9 +42,14 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: Any) -> None:
-        """Saves ``state`` (any pytree of arrays) as checkpoint ``step`` and waits for it."""
-        self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
-        self._manager.wait_until_finished()
+        """Saves ``state`` (any pytree of arrays) as checkpoint ``step`` and waits for it.
+
+        A Ctrl-C during the save is held back until the save has finished, then
+        raised: an interrupted run always leaves a complete last checkpoint.
+        """
+        with _sigint_deferred():
+            self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+            self._manager.wait_until_finished()
 
     def restore(self, like: Any, step: int | None = None) -> Any:
         """Restores checkpoint ``step`` (default: the latest) into the structure of ``like``.
@@ -61,3 +70,25 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Holds back SIGINT inside the block and raises KeyboardInterrupt after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt

@@ -1,103 +1,254 @@
-"""One frozen config for a training run: model, optimiser, data and run length.
+"""Every setting of a training run, declared once.
 
-Flags (``experiments/train.py``) build it; the run writes it to
-``<workdir>/config.json`` so that evaluation, sampling and resuming read the
-model from the workdir instead of from re-typed flags.
+Each setting is a field of one of four frozen dataclasses (model, optimiser,
+data, run), with its default and its help text in the field's metadata
+(``setting(...)``). Everything else is derived from these declarations:
+
+  * the absl flags of ``experiments/`` (``experiments.cli.define_config_flags``:
+    one flag per field, same name, type, default and help);
+  * ``build_config(preset=None, **settings)``: the config a command line or a
+    notebook asks for, by flag name, on top of a named preset (``presets.py``);
+  * ``TrainConfig.resolve``: what only the data and the workdir can decide (run
+    length from ``num_epochs``, the cosine schedule's length, the batch size
+    against the split), done once when a run starts;
+  * ``config.json`` in the workdir (``to_dict`` / ``from_dict``).
+
+Validation lives here and only here; every error is a ``ConfigError`` whose
+message names the flag at fault (``--read_n ...``).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 import os
+import typing
+from collections.abc import Mapping
 from typing import Any
 
 from draw_jax import data as data_lib
-from draw_jax.model import DrawConfig
-from draw_jax.training import OptimConfig
+from draw_jax import presets as presets_lib
 
-__all__ = ["DataConfig", "RunConfig", "TrainConfig", "ConfigError", "save_config", "load_config"]
-
-CONFIG_FILE = "config.json"
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "DrawConfig",
+    "OptimConfig",
+    "RunConfig",
+    "Setting",
+    "TrainConfig",
+    "build_config",
+    "settings",
+]
 
 
 class ConfigError(ValueError):
     """A bad setting; the message names the flag or file at fault."""
 
 
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Attributes:
-    dataset: 'binarized_mnist' (the paper's benchmark) or 'mnist'.
-    data_dir: folder of local files; when set, TFDS is not used.
-    tfds_data_dir: TFDS's own data folder (None = its default).
-    binarize: 'dynamic', 'threshold' or 'none' (resolved from the dataset if None).
-    batch_size: images per step (the last partial batch of an epoch is dropped).
-    eval_split: the held-out split evaluated during training.
-    device_data: keep the training split on the device and draw batches inside
-      the jitted step (no host-to-device copy per step).
-    """
+def setting(default: Any, help: str, *, choices: tuple[str, ...] | None = None, flag: bool = True) -> Any:
+    """A dataclass field declared as a setting: its default, help and allowed values.
 
-    dataset: str = "binarized_mnist"
-    data_dir: str | None = None
-    tfds_data_dir: str | None = None
-    binarize: str | None = None
-    batch_size: int = 100
-    eval_split: str = "valid"
-    device_data: bool = True
+    ``flag=False`` marks a field that is derived (from the data set), not typed.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+def _positive_int(name: str, value: Any, what: str = "") -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"--{name}{what} must be a positive integer, got {value!r}")
+
+
+def _non_negative(cfg: Any, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DrawConfig:
+    """Everything that fixes the network's shape. Defaults: the paper's MNIST setup (sec. 4.2)."""
+
+    height: int = setting(28, "Image height (from the data set).", flag=False)
+    width: int = setting(28, "Image width (from the data set).", flag=False)
+    channels: int = setting(1, "Image channels (from the data set).", flag=False)
+    T: int = setting(64, "Glimpses / canvas updates.")
+    enc_size: int = setting(256, "Encoder LSTM size.")
+    dec_size: int = setting(256, "Decoder LSTM size.")
+    z_size: int = setting(100, "Latent size per step.")
+    read_n: int = setting(2, "Read glimpse size n (an n x n grid of filters).")
+    write_n: int = setting(5, "Write patch size n.")
+    read_attention: bool = setting(
+        True, "Selective attention for the read (eq. 27); else the whole image (eq. 17)."
+    )
+    write_attention: bool = setting(
+        True, "Selective attention for the write (eq. 29); else a whole canvas (eq. 18)."
+    )
+    compute_dtype: str = setting(
+        "float32",
+        "Matmul dtype; parameters, LSTM cells, canvas and loss stay float32.",
+        choices=("float32", "bfloat16"),
+    )
 
     def __post_init__(self) -> None:
-        if self.dataset not in data_lib.DATASETS:
+        for name in ("height", "width", "channels", "T", "enc_size", "dec_size", "z_size"):
+            _positive_int(name, getattr(self, name))
+        for name in ("read_n", "write_n"):
+            _positive_int(name, getattr(self, name), " (glimpse size)")
+        _check_choice(self, "compute_dtype")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    @property
+    def read_size(self) -> int:
+        """Length of r_t: two glimpses (x and x_hat) with attention, two images without."""
+        per = self.read_n * self.read_n if self.read_attention else self.height * self.width
+        return 2 * per * self.channels
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Adam on globally clipped gradients (the ericjang/draw settings by default)."""
+
+    learning_rate: float = setting(1e-3, "Adam step size (peak of the schedule).")
+    adam_b1: float = setting(0.5, "Adam beta1.")
+    adam_b2: float = setting(0.999, "Adam beta2.")
+    clip_norm: float = setting(5.0, "Global gradient-norm clipping (0 = off).")
+    lr_schedule: str = setting(
+        "constant",
+        "Learning-rate schedule after the warm-up: constant, or cosine decay to "
+        "--final_lr_fraction of the peak over --decay_steps.",
+        choices=("constant", "cosine"),
+    )
+    warmup_steps: int = setting(0, "Linear learning-rate warm-up steps.")
+    decay_steps: int | None = setting(
+        None,
+        "Cosine schedule length in steps. Default: the run length when the run starts; "
+        "a resumed run keeps its schedule (extending a run continues at the final rate).",
+    )
+    final_lr_fraction: float = setting(0.1, "Cosine schedule's final rate, as a fraction of the peak.")
+    kl_warmup_steps: int = setting(
+        0, "Linear KL-weight warm-up steps (0 = the paper's objective throughout)."
+    )
+
+    def __post_init__(self) -> None:
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("adam_b1", "adam_b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.clip_norm < 0:
+            raise ConfigError(f"--clip_norm must be >= 0 (0 disables), got {self.clip_norm}")
+        _check_choice(self, "lr_schedule")
+        _non_negative(self, "warmup_steps", "kl_warmup_steps")
+        if self.decay_steps is not None and self.decay_steps < 1:
+            raise ConfigError(f"--decay_steps must be >= 1, got {self.decay_steps}")
+        if not 0 <= self.final_lr_fraction <= 1:
+            raise ConfigError(f"--final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which images, from where, in what batches."""
+
+    dataset: str = setting(
+        "binarized_mnist",
+        "binarized_mnist (the paper's benchmark: the fixed binarisation) or mnist (grey levels).",
+        choices=tuple(data_lib.DATASETS),
+    )
+    data_dir: str | None = setting(
+        None, "Folder of local files (MNIST IDX or binarized_mnist_*.amat[.gz]); when set, TFDS is not used."
+    )
+    tfds_data_dir: str | None = setting(None, "TFDS's data folder (its default if unset).")
+    binarize: str | None = setting(
+        None,
+        "mnist only: dynamic (a fresh Bernoulli sample per use; default), threshold (> 0.5) or none "
+        "(grey targets: the bound is then a cross-entropy, not a likelihood). binarized_mnist is "
+        "already binary.",
+        choices=data_lib.BINARIZE_CHOICES,
+    )
+    batch_size: int = setting(100, "Images per step (global, over all devices).")
+    eval_split: str = setting(
+        "valid", "Held-out split evaluated during training (valid or test; every data set has both)."
+    )
+    device_data: bool = setting(
+        True, "Keep the training split on the device and draw batches inside the jitted step."
+    )
+
+    def __post_init__(self) -> None:
+        _check_choice(self, "dataset")
+        info = data_lib.DATASETS[self.dataset]
+        if self.binarize is None:
+            object.__setattr__(self, "binarize", info.default_binarize)
+        _check_choice(self, "binarize")
+        if info.binary and self.binarize != "none":
             raise ConfigError(
-                f"--dataset must be one of {', '.join(data_lib.DATASETS)}, got {self.dataset!r}"
+                f"--binarize={self.binarize} does not apply to {self.dataset}, which is already the fixed "
+                "binarisation the paper reports on; use --binarize=none or --dataset=mnist"
             )
-        try:
-            object.__setattr__(self, "binarize", data_lib.resolve_binarize(self.dataset, self.binarize))
-        except data_lib.DataError as e:
-            raise ConfigError(str(e)) from e
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch_size must be >= 1, got {self.batch_size}")
+        _positive_int("batch_size", self.batch_size)
+        split = data_lib.canonical_split(self.eval_split)
+        if split == "train":
+            raise ConfigError("--eval_split must be a held-out split (valid or test), not train")
+        if split not in info.splits:
+            raise ConfigError(
+                f"--eval_split={self.eval_split}: {self.dataset} has splits {', '.join(info.splits)}"
+            )
+        object.__setattr__(self, "eval_split", split)
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
             raise ConfigError(f"--data_dir={self.data_dir} is not a directory")
+
+    @property
+    def binary_targets(self) -> bool:
+        """Whether the model is fit to 0/1 pixels (the bound is then a likelihood bound)."""
+        return data_lib.DATASETS[self.dataset].binary or self.binarize != "none"
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """Attributes:
-    num_steps: optimiser steps in all (a resumed run continues to this number).
-    seed: seeds parameters, data order and every random draw.
-    log_every, eval_every, checkpoint_every: intervals in steps (0 = only at the end).
-    keep_checkpoints: how many recent checkpoints to keep.
-    eval_examples: images of the eval split used during training (0 = all).
-    steps_per_call: train steps per compiled call (device data only; reduced to fit
-      in an epoch and to divide the log, checkpoint and eval intervals). Several steps per call amortise the
-      per-call dispatch and the fresh allocation of the step's working memory
-      (measured: 0.82x the time per step at 10 on the paper config, CPU).
-    """
+    """How long, how seeded, how often to log, evaluate and save."""
 
-    num_steps: int = 100_000
-    seed: int = 0
-    log_every: int = 100
-    eval_every: int = 5_000
-    checkpoint_every: int = 1_000
-    keep_checkpoints: int = 3
-    eval_examples: int = 0
-    steps_per_call: int = 10
+    num_steps: int = setting(100_000, "Optimiser steps in all (a resumed run continues to this number).")
+    num_epochs: int | None = setting(
+        None, "Instead of --num_steps: whole passes over the training split (steps from its size)."
+    )
+    seed: int = setting(0, "Seeds parameters, data order and every random draw.")
+    log_every: int = setting(100, "Steps between console lines and train summaries (0 = at the end only).")
+    eval_every: int = setting(5_000, "Steps between held-out evaluations (0 = at the end only).")
+    checkpoint_every: int = setting(1_000, "Steps between checkpoints (0 = at the end only).")
+    keep_checkpoints: int = setting(3, "Checkpoints kept.")
+    eval_examples: int = setting(0, "Held-out images used by the periodic evaluation (0 = all).")
+    steps_per_call: int = setting(
+        10,
+        "Train steps per compiled call with --device_data (reduced to fit in an epoch and to divide "
+        "the log, checkpoint and eval intervals; 0.82x the time per step at 10 on the paper config).",
+    )
 
     def __post_init__(self) -> None:
-        if self.num_steps < 1:
-            raise ConfigError(f"--num_steps must be >= 1, got {self.num_steps}")
-        for name in ("log_every", "eval_every", "checkpoint_every", "eval_examples"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"--keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
-        if self.steps_per_call < 1:
-            raise ConfigError(f"--steps_per_call must be >= 1, got {self.steps_per_call}")
+        _positive_int("num_steps", self.num_steps)
+        if self.num_epochs is not None:
+            _positive_int("num_epochs", self.num_epochs)
+        _non_negative(self, "log_every", "eval_every", "checkpoint_every", "eval_examples")
+        _positive_int("keep_checkpoints", self.keep_checkpoints)
+        _positive_int("steps_per_call", self.steps_per_call)
+
+    def steps_per_call_for(self, steps_per_epoch: int) -> int:
+        """The steps per call actually used: calls of k steps start at multiples of k,
+        and k divides every interval, so no call runs past a log, checkpoint or eval step."""
+        return math.gcd(
+            min(self.steps_per_call, steps_per_epoch), self.log_every, self.checkpoint_every, self.eval_every
+        )
+
+
+_PARTS = {"model": DrawConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """A whole training run: what ``config.json`` holds."""
+
     model: DrawConfig = dataclasses.field(default_factory=DrawConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -107,16 +258,37 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         try:
-            return cls(
-                model=DrawConfig(**d["model"]),
-                optim=OptimConfig(**d["optim"]),
-                data=DataConfig(**d["data"]),
-                run=RunConfig(**d["run"]),
-            )
+            return cls(**{part: klass(**d[part]) for part, klass in _PARTS.items()})
         except (KeyError, TypeError) as e:
             raise ConfigError(f"config does not match this version of draw_jax: {e}") from e
+
+    def resolve(self, num_train_images: int, previous: TrainConfig | None = None) -> TrainConfig:
+        """The concrete config of a run on a training split of ``num_train_images``.
+
+        * ``--num_epochs`` becomes ``num_steps`` (whole epochs of full batches).
+        * ``decay_steps`` unset: a resumed run (``previous`` is its config) keeps
+          its own schedule length, so extending a finished cosine run continues
+          at the final rate rather than jumping back up; a new run decays over
+          its own length.
+
+        Raises:
+          ConfigError: the batch is larger than the training split.
+        """
+        steps_per_epoch = num_train_images // self.data.batch_size
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"--batch_size={self.data.batch_size} is larger than the training split "
+                f"({num_train_images} images)"
+            )
+        run, optim = self.run, self.optim
+        if run.num_epochs is not None:
+            run = dataclasses.replace(run, num_steps=run.num_epochs * steps_per_epoch)
+        if optim.decay_steps is None:
+            inherited = previous.optim.decay_steps if previous is not None else None
+            optim = dataclasses.replace(optim, decay_steps=inherited or run.num_steps)
+        return dataclasses.replace(self, run=run, optim=optim)
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run it continues.
@@ -126,30 +298,91 @@ class TrainConfig:
         """
         d = self.to_dict()
         d["run"] = {"seed": self.run.seed}
-        d["data"].pop("data_dir")  # the same files may move
-        d["data"].pop("tfds_data_dir")
-        d["data"].pop("device_data")  # same batches either way
+        for where in ("data_dir", "tfds_data_dir", "device_data"):  # same images, same batches
+            d["data"].pop(where)
         return d
 
 
-def save_config(config: TrainConfig, workdir: str) -> None:
-    """Writes ``<workdir>/config.json`` (atomically)."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
+def _check_choice(cfg: Any, name: str) -> None:
+    choices = _FIELDS[type(cfg).__name__][name].metadata["choices"]
+    value = getattr(cfg, name)
+    if value not in choices:
+        raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def load_config(workdir: str) -> TrainConfig:
-    """Reads ``<workdir>/config.json``."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path} not found: is --workdir={workdir} a draw_jax training workdir?")
-    try:
-        with open(path) as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
-    return TrainConfig.from_dict(d)
+_FIELDS = {klass.__name__: {f.name: f for f in dataclasses.fields(klass)} for klass in _PARTS.values()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting as a command line sees it (what ``experiments.cli`` makes a flag of)."""
+
+    name: str
+    part: str  # model, optim, data or run
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None
+
+
+def settings() -> list[Setting]:
+    """Every typed setting, in declaration order (derived fields like ``height`` excluded)."""
+    out = []
+    for part, klass in _PARTS.items():
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            if not f.metadata["flag"]:
+                continue
+            kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+            out.append(Setting(f.name, part, kind, f.default, f.metadata["help"], f.metadata["choices"]))
+    return out
+
+
+# Settings that stand for several fields at once.
+SHORTHANDS = {
+    "attention": (
+        ("read_attention", "write_attention"),
+        "Selective attention for read and write (the paper's two variants); "
+        "--read_attention / --write_attention override it for one of them.",
+    ),
+}
+
+
+def build_config(preset: str | None = None, **values: Any) -> TrainConfig:
+    """The ``TrainConfig`` of a named preset with some settings changed, by flag name.
+
+    What a command line does (``experiments.train``) and what a notebook should:
+    ``build_config("paper_attention", num_epochs=3, data_dir="...")``. Settings
+    apply in this order: the preset, then ``attention`` (both read and write),
+    then every other setting given; a setting given as None keeps its default.
+    The image shape follows the data set.
+
+    Raises:
+      ConfigError: an unknown preset or setting, or a bad value (naming its flag).
+    """
+    if preset is not None and preset not in presets_lib.PRESETS:
+        raise ConfigError(f"--preset must be one of {', '.join(presets_lib.PRESETS)}, got {preset!r}")
+    chosen = dict(presets_lib.PRESETS[preset]) if preset else {}
+    values = {name: value for name, value in values.items() if value is not None}  # None: the default
+    names = {s.name: s.part for s in settings()}
+    for shorthand, (targets, _) in SHORTHANDS.items():
+        if values.get(shorthand) is not None:
+            chosen.update(dict.fromkeys(targets, values[shorthand]))
+        values.pop(shorthand, None)
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see --helpfull")
+    if values.get("num_epochs") is not None and "num_steps" in values:
+        raise ConfigError("--num_steps and --num_epochs both set: give one run length")
+    chosen.update(values)
+    if chosen.get("num_epochs") is not None:
+        chosen.pop("num_steps", None)
+    parts: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}
+    for name, value in chosen.items():
+        parts[names[name]][name] = value
+    data = DataConfig(**parts["data"])
+    height, width, channels = data_lib.DATASETS[data.dataset].image_shape
+    model = DrawConfig(height=height, width=width, channels=channels, **parts["model"])
+    return TrainConfig(
+        model=model, optim=OptimConfig(**parts["optim"]), data=data, run=RunConfig(**parts["run"])
+    )

@@ -9,22 +9,22 @@ Two sources behind one function, ``load_split``:
     prepared ArrayRecord files without TensorFlow. Only the first download and
     preparation needs TensorFlow (the ``[prepare]`` extra).
 
-Images are held as uint8 [N, 28, 28, 1]: 0/1 for a binary set, 0..255 for
+Images are held as uint8 [m, h, w, c]: 0/1 for a binary set, 0..255 for
 grey MNIST. ``preprocess`` turns a batch into float32 targets inside the jitted
-step (dynamic binarisation needs the step's key).
+step (dynamic binarisation needs the step's key). The order in which a run
+visits them lives in ``feeding``.
 
-Notation: n = number of images, b = batch, h, w, c = height, width, channels.
+Notation (``draw_jax/__init__.py``): m = images in a split, b = batch,
+h, w, c = height, width, channels.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import os
 import struct
 import zlib
-from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -35,32 +35,57 @@ __all__ = [
     "DATASETS",
     "DataError",
     "Dataset",
-    "epoch_permutation",
-    "device_epoch_permutation",
-    "permutation_key",
-    "eval_batches",
+    "DatasetInfo",
+    "canonical_split",
     "load_split",
     "preprocess",
-    "resolve_binarize",
-    "train_batches",
 ]
 
 BINARIZE_CHOICES = ("dynamic", "threshold", "none")
 
-# dataset -> split -> local file stem; the names TFDS uses for each split.
-_LOCAL_FILES = {
-    "mnist": {"train": "train", "test": "t10k"},
-    "binarized_mnist": {
-        "train": "binarized_mnist_train",
-        "valid": "binarized_mnist_valid",
-        "test": "binarized_mnist_test",
-    },
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What the code needs to know about a data set before loading it.
+
+    Attributes:
+      splits: split -> (local file stem, TFDS split spec, image slice of that file or None).
+      binary: True when pixels are already 0/1.
+      default_binarize: the binarisation used when none is asked for.
+      image_shape: (h, w, c).
+    """
+
+    splits: dict[str, tuple[str, str, slice | None]]
+    binary: bool
+    default_binarize: str
+    image_shape: tuple[int, int, int] = (28, 28, 1)
+
+
+# MNIST has no validation split of its own: the last 10,000 training images
+# (50,000-59,999) are held out as `valid`, the same cut that Larochelle's
+# binarized MNIST makes (its train/valid are MNIST train's first 50,000 / last
+# 10,000), so model selection never touches test.
+MNIST_VALID_START = 50_000
+DATASETS: dict[str, DatasetInfo] = {
+    "binarized_mnist": DatasetInfo(
+        splits={
+            "train": ("binarized_mnist_train", "train", None),
+            "valid": ("binarized_mnist_valid", "validation", None),
+            "test": ("binarized_mnist_test", "test", None),
+        },
+        binary=True,
+        default_binarize="none",
+    ),
+    "mnist": DatasetInfo(
+        splits={
+            "train": ("train", f"train[:{MNIST_VALID_START}]", slice(0, MNIST_VALID_START)),
+            "valid": ("train", f"train[{MNIST_VALID_START}:]", slice(MNIST_VALID_START, None)),
+            "test": ("t10k", "test", None),
+        },
+        binary=False,
+        default_binarize="dynamic",
+    ),
 }
-_TFDS_SPLITS = {
-    "mnist": {"train": "train", "test": "test"},
-    "binarized_mnist": {"train": "train", "valid": "validation", "test": "test"},
-}
-DATASETS = tuple(_LOCAL_FILES)
 _SPLIT_ALIASES = {"validation": "valid", "val": "valid"}
 
 
@@ -73,7 +98,7 @@ class Dataset:
     """One split held in host memory.
 
     Attributes:
-      images: uint8 [n, 28, 28, 1].
+      images: uint8 [m, h, w, c].
       binary: True when values are 0/1 (binarized MNIST), False for 0..255 grey.
       name, split: where it came from (for messages).
     """
@@ -87,32 +112,21 @@ class Dataset:
         return int(self.images.shape[0])
 
 
-def resolve_binarize(dataset: str, binarize: str | None) -> str:
-    """The binarisation to use: binarized_mnist is already binary ('none');
-    grey mnist defaults to 'dynamic' (a fresh Bernoulli sample per use)."""
-    if dataset not in DATASETS:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if binarize is None:
-        return "none" if dataset == "binarized_mnist" else "dynamic"
-    if binarize not in BINARIZE_CHOICES:
-        raise DataError(f"--binarize must be one of {', '.join(BINARIZE_CHOICES)}, got {binarize!r}")
-    if dataset == "binarized_mnist" and binarize != "none":
-        raise DataError(
-            f"--binarize={binarize} does not apply to binarized_mnist, which is already the fixed "
-            "binarisation the paper reports on; use --binarize=none or --dataset=mnist"
-        )
-    return binarize
+def canonical_split(split: str) -> str:
+    """'validation' and 'val' are 'valid'; other names unchanged."""
+    return _SPLIT_ALIASES.get(split, split)
 
 
-def _canonical_split(dataset: str, split: str) -> str:
-    split = _SPLIT_ALIASES.get(split, split)
+def _info(dataset: str, split: str) -> tuple[DatasetInfo, str]:
     if dataset not in DATASETS:
         raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if split not in _LOCAL_FILES[dataset]:
+    split = canonical_split(split)
+    info = DATASETS[dataset]
+    if split not in info.splits:
         raise DataError(
-            f"dataset {dataset!r} has no split {split!r}; its splits are {', '.join(_LOCAL_FILES[dataset])}"
+            f"dataset {dataset!r} has no split {split!r}; its splits are {', '.join(info.splits)}"
         )
-    return split
+    return info, split
 
 
 # -- local files ------------------------------------------------------------
@@ -198,14 +212,22 @@ def _read_amat(path: str) -> np.ndarray:
 
 
 def _load_local(dataset: str, split: str, data_dir: str) -> Dataset:
-    if not os.path.isdir(data_dir):
-        raise DataError(f"--data_dir={data_dir} is not a directory")
-    stem = _LOCAL_FILES[dataset][split]
-    if dataset == "mnist":
+    info = DATASETS[dataset]
+    stem, _, part = info.splits[split]
+    if info.binary:
+        images = _read_amat(_find_file(data_dir, stem, ".amat"))
+    else:
         images = _read_idx_images(_find_file(data_dir, stem, "-images-idx3-ubyte"))
-        return Dataset(images, binary=False, name=dataset, split=split)
-    images = _read_amat(_find_file(data_dir, stem, ".amat"))
-    return Dataset(images, binary=True, name=dataset, split=split)
+    if part is not None:
+        needed = part.stop if part.stop is not None else part.start + 1
+        if images.shape[0] < needed:
+            last = "" if part.stop is None else f"..{part.stop - 1}"
+            raise DataError(
+                f"{dataset}/{split} is images {part.start}{last} of the {stem} file, which holds only "
+                f"{images.shape[0]} (--data_dir={data_dir})"
+            )
+        images = images[part].copy()
+    return Dataset(images, binary=info.binary, name=dataset, split=split)
 
 
 # -- TensorFlow Datasets ----------------------------------------------------
@@ -214,7 +236,8 @@ def _load_local(dataset: str, split: str, data_dir: str) -> Dataset:
 def _load_tfds(dataset: str, split: str, tfds_data_dir: str | None) -> Dataset:
     import tensorflow_datasets as tfds  # heavy import, only on this path
 
-    tfds_split = _TFDS_SPLITS[dataset][split]
+    info = DATASETS[dataset]
+    tfds_split = info.splits[split][1]
     try:
         source = tfds.data_source(dataset, split=tfds_split, data_dir=tfds_data_dir, download=True)
     except ImportError as e:
@@ -235,7 +258,7 @@ def _load_tfds(dataset: str, split: str, tfds_data_dir: str | None) -> Dataset:
         raise DataError(
             f"tfds {dataset}/{tfds_split}: images have shape {images.shape[1:]}, expected (28, 28, 1)"
         )
-    binary = dataset == "binarized_mnist"
+    binary = info.binary
     if binary and images.max(initial=0) > 1:
         raise DataError(f"tfds {dataset}/{tfds_split}: values above 1 in a binarized set")
     return Dataset(images, binary=binary, name=dataset, split=split)
@@ -248,17 +271,18 @@ def load_split(
 
     Args:
       dataset: 'binarized_mnist' or 'mnist'.
-      split: 'train', 'valid' ('validation' too; binarized_mnist only) or 'test'.
+      split: 'train', 'valid' ('validation' too) or 'test'. For mnist, valid is
+        training images 50,000-59,999 and train the first 50,000.
       data_dir: a folder of local files; when given, TFDS is not used.
       tfds_data_dir: where TFDS keeps prepared data (its own default if None).
 
     Returns:
-      A ``Dataset`` with uint8 images [n, 28, 28, 1].
+      A ``Dataset`` with uint8 images [m, h, w, c].
 
     Raises:
       DataError: naming the file or split at fault.
     """
-    split = _canonical_split(dataset, split)
+    _, split = _info(dataset, split)
     if data_dir:
         return _load_local(dataset, split, data_dir)
     return _load_tfds(dataset, split, tfds_data_dir)
@@ -288,66 +312,3 @@ def preprocess(images: jax.Array, binary: bool, binarize: str, key: jax.Array | 
     if binarize == "threshold":
         return (p > 0.5).astype(jnp.float32)
     return p
-
-
-# Keeps the data-order stream apart from the parameter and training-noise streams.
-_DATA_STREAM = 0x0DA7A
-
-
-def permutation_key(seed: int, epoch: jax.Array | int) -> jax.Array:
-    """The key that orders ``epoch`` of a run with ``seed``."""
-    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _DATA_STREAM), epoch)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _permutation(seed: int, epoch: jax.Array, n: int) -> jax.Array:
-    return jax.random.permutation(permutation_key(seed, epoch), n)
-
-
-def device_epoch_permutation(seed: int, epoch: int, n: int) -> jax.Array:
-    """``epoch_permutation`` left on the device (for device-resident data)."""
-    return _permutation(seed, jnp.asarray(epoch, jnp.int32), n)
-
-
-def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    """The order of the n training images in ``epoch`` (a pure function of seed and epoch)."""
-    return np.asarray(device_epoch_permutation(seed, epoch, n))
-
-
-def train_batches(
-    images: np.ndarray, batch_size: int, seed: int, start_step: int = 0
-) -> Iterator[np.ndarray]:
-    """Endless shuffled training batches, uint8 [b, h, w, c].
-
-    Each epoch is a fresh permutation (``epoch_permutation``); the last partial
-    batch of an epoch is dropped, so every batch has ``batch_size`` images.
-    Starting at ``start_step`` gives exactly the batches an uninterrupted run
-    would have seen from that step on (what resuming relies on).
-    """
-    n = images.shape[0]
-    steps_per_epoch = n // batch_size
-    if steps_per_epoch == 0:
-        raise DataError(f"--batch_size={batch_size} is larger than the training split ({n} images)")
-    epoch, offset = divmod(start_step, steps_per_epoch)
-    while True:
-        perm = epoch_permutation(seed, epoch, n)
-        for i in range(offset, steps_per_epoch):
-            yield images[perm[i * batch_size : (i + 1) * batch_size]]
-        epoch, offset = epoch + 1, 0
-
-
-def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Every image once, in order: (uint8 [b, h, w, c], bool mask [b]).
-
-    The last batch is padded with zeros to ``batch_size`` (one compiled shape)
-    and the mask marks the real images, so no image is dropped or counted twice.
-    """
-    n = images.shape[0]
-    for start in range(0, n, batch_size):
-        batch = images[start : start + batch_size]
-        mask = np.ones(batch_size, bool)
-        if batch.shape[0] < batch_size:
-            pad = batch_size - batch.shape[0]
-            mask[batch.shape[0] :] = False
-            batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
-        yield batch, mask

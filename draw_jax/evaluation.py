@@ -1,6 +1,7 @@
 """The numbers the paper reports, over a whole split: the bound and an IWAE estimate.
 
-Notation: b = batch, k = importance samples, T = steps, z = latent size.
+Notation (``draw_jax/__init__.py``): b = batch, m = images in a split,
+k = importance samples, T = glimpses, z = latent size.
 
 For one image, a posterior sample z_{1:T} ~ Q gives the log importance weight
   log w = log D(x | c_T) + sum_t [log N(z_t; 0, I) - log Q(z_t | h^enc_t)].
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +24,30 @@ from flax import nnx
 
 from draw_jax import data as data_lib
 from draw_jax.losses import bernoulli_nll, draw_bound
-from draw_jax.training import Params, apply_model
+from draw_jax.train_step import Params, apply_model
 
-__all__ = ["log_importance_weights", "SplitResult", "SplitEvaluator"]
+__all__ = ["SplitEvaluator", "SplitResult", "eval_batches", "log_importance_weights"]
+
+
+def eval_batches(images: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Every image once, in order: (uint8 [b, h, w, c], bool mask [b]).
+
+    The last batch is padded with zeros to ``batch_size`` (one compiled shape)
+    and the mask marks the real images, so no image is dropped or counted twice.
+    """
+    m = images.shape[0]
+    for start in range(0, m, batch_size):
+        batch = images[start : start + batch_size]
+        mask = np.ones(batch_size, bool)
+        if batch.shape[0] < batch_size:
+            pad = batch_size - batch.shape[0]
+            mask[batch.shape[0] :] = False
+            batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
+        yield batch, mask
 
 
 def log_importance_weights(model, x: jax.Array, key: jax.Array, k: int) -> jax.Array:
-    """[k, b] log w for k independent posterior samples per image."""
+    """[k, b] log w for k independent posterior samples per image (``model`` a ``DRAW``)."""
 
     def one(key):
         eps = model.noise(key, x.shape[0])
@@ -96,7 +115,7 @@ class SplitEvaluator:
         base = jax.random.key(seed)
         sums = np.zeros(4 if self.k > 0 else 3)
         count = 0
-        for i, (batch, mask) in enumerate(data_lib.eval_batches(images, self.batch_size)):
+        for i, (batch, mask) in enumerate(eval_batches(images, self.batch_size)):
             per = jax.device_get(self._batch_eval(params, batch, jax.random.fold_in(base, i)))
             sums += np.array([np.sum(np.asarray(p, np.float64)[mask]) for p in per])
             count += int(mask.sum())

@@ -1,7 +1,8 @@
 """The DRAW network: encoder and decoder LSTMs, read and write, a scanned T-step loop.
 
-Notation: b = batch, t = step (T steps), h = height, w = width, c = channels,
-z = latent size, e = encoder size, d = decoder size, n = glimpse size.
+Notation (``draw_jax/__init__.py``): b = batch, t = step (T steps), h = height,
+w = width, c = channels, z = latent size, e = encoder size, d = decoder size,
+n = glimpse size.
 
 The module is thin wiring over ``draw_jax.attention``: ``DRAW.step`` is one step
 of the paper's equations (3)-(8); ``DRAW.__call__`` runs it T times with one
@@ -11,7 +12,6 @@ All randomness comes in as explicit keys.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -20,60 +20,9 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from draw_jax import attention
+from draw_jax.config import DrawConfig
 
 __all__ = ["DRAW", "DrawConfig", "DrawOutputs", "Generation", "LSTMCell", "tiling_window_params"]
-
-
-@dataclasses.dataclass(frozen=True)
-class DrawConfig:
-    """Everything that fixes the network's shape. Defaults: the paper's MNIST setup.
-
-    Attributes:
-      height, width, channels: image shape.
-      T: number of glimpses / canvas updates.
-      enc_size, dec_size: LSTM hidden sizes.
-      z_size: latent size per step.
-      read_n, write_n: glimpse sizes of the read and write grids.
-      read_attention, write_attention: use selective attention (eq. 27, 29)
-        rather than reading the whole image / writing a whole canvas (eq. 17, 18).
-      dtype: compute dtype of the matmuls ("float32" or "bfloat16"); parameters,
-        LSTM cell states, the canvas and the loss stay float32.
-    """
-
-    height: int = 28
-    width: int = 28
-    channels: int = 1
-    T: int = 64
-    enc_size: int = 256
-    dec_size: int = 256
-    z_size: int = 100
-    read_n: int = 2
-    write_n: int = 5
-    read_attention: bool = True
-    write_attention: bool = True
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        for name in ("height", "width", "channels", "T", "enc_size", "dec_size", "z_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"DrawConfig.{name} must be a positive integer, got {value!r}")
-        for name in ("read_n", "write_n"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"DrawConfig.{name} (glimpse size) must be >= 1, got {value!r}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"DrawConfig.dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (self.height, self.width, self.channels)
-
-    @property
-    def read_size(self) -> int:
-        """Length of r_t: two glimpses (x and x_hat) with attention, two images without."""
-        per = self.read_n * self.read_n if self.read_attention else self.height * self.width
-        return 2 * per * self.channels
 
 
 class DrawOutputs(NamedTuple):
@@ -169,7 +118,7 @@ class DRAW(nnx.Module):
 
     def __init__(self, config: DrawConfig, *, rngs: nnx.Rngs) -> None:
         self.config = cfg = config
-        dtype = jnp.dtype(cfg.dtype)
+        dtype = jnp.dtype(cfg.compute_dtype)
 
         def linear(i: int, o: int) -> nnx.Linear:
             return nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)

@@ -32,24 +32,25 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from draw_jax import data as data_lib
-from draw_jax import training
-from draw_jax.model import DrawConfig
+from draw_jax import feeding, profiling, train_step
+from draw_jax.config import DrawConfig, OptimConfig, build_config
+from draw_jax.presets import PRESETS
+from draw_jax.profiling import (
+    MatmulReference,
+    compile_seconds,
+    flops_per_step,
+    gate_matmul_bound,
+    matmul_flops_per_s,
+)
 from experiments import cli
 
-CONFIGS = {
-    # The paper's MNIST setup (sec. 4.2).
-    "paper_attention": DrawConfig(),
-    "paper_no_attention": DrawConfig(read_attention=False, write_attention=False),
-    # The popular blog ports' small setup (ericjang/draw: T=10, z=10).
-    "small_attention": DrawConfig(T=10, z_size=10),
-    "small_no_attention": DrawConfig(T=10, z_size=10, read_attention=False, write_attention=False),
-    # For tests of this script only.
-    "tiny": DrawConfig(T=3, enc_size=16, dec_size=16, z_size=4),
-}
-
-flags.DEFINE_list("configs", [c for c in CONFIGS if c != "tiny"], f"Which of {', '.join(CONFIGS)}.")
-flags.DEFINE_integer("batch_size", 100, "Images per step.")
+flags.DEFINE_list(
+    "configs",
+    [c for c in PRESETS if c != "tiny"],
+    f"Presets to time (draw_jax/presets.py): {', '.join(PRESETS)}.",
+)
+cli.define_config_flags(["batch_size", "compute_dtype"])
+flags.adopt_module_key_flags(cli)
 flags.DEFINE_integer("steps", 20, "Timed steps per configuration (after warm-up).")
 flags.DEFINE_integer(
     "steps_per_call",
@@ -62,7 +63,6 @@ flags.DEFINE_bool(
     "compile_sweep", True, "Time compilation for T in 8, 16, 32, 64 (and one Python-unrolled T)."
 )
 flags.DEFINE_integer("unrolled_T", 16, "T of the Python-unrolled compile-time contrast (0 = skip).")
-flags.DEFINE_enum("compute_dtype", "float32", ["float32", "bfloat16"], "Matmul dtype.")
 flags.DEFINE_string("json", None, "Write the records here.")
 flags.DEFINE_bool("data_pipeline", True, "Also time the host data pipeline on its own.")
 flags.DEFINE_integer("matmul_size", 2048, "Side of the square float32 reference matmul.")
@@ -81,200 +81,21 @@ def _device_memory_mb() -> float | None:
     return stats["peak_bytes_in_use"] / 2**20
 
 
-def _time_calls(fn, n: int) -> np.ndarray:
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return np.asarray(times)
-
-
-def matmul_flops_per_s(m: int, k: int, n: int, reps: int = 20) -> float:
-    """FLOP/s of a float32 [m, k] x [k, n] matmul (median over reps)."""
-    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    jax.block_until_ready(f(a, b))
-    times = _time_calls(lambda: f(a, b), reps)
-    return 2.0 * m * k * n / float(np.median(times))
-
-
-class MatmulReference:
-    """Float32 matmul FLOP/s, sampled between the timed train-step calls.
-
-    On a shared machine the speed drifts by tens of percent within minutes, so
-    a reference measured once at the start can flatter or wrong the step. Each
-    ``sample()`` times one [size, size] x [size, size] matmul and ``reps``
-    matmuls shaped like the encoder's gate matmul right next to a timed call;
-    the rates are medians over those samples.
-    """
-
-    def __init__(self, size: int, shaped: tuple[int, int, int], reps: int = 50) -> None:
-        key = jax.random.key(0)
-        self._big = [jax.random.normal(key, (size, size), jnp.float32)] * 2
-        m, k, n = shaped
-        self._shaped = [jax.random.normal(key, (m, k)), jax.random.normal(key, (k, n))]
-        self._flops = (2.0 * size**3, 2.0 * m * k * n * reps)
-        self._reps = reps
-        self._mm = jax.jit(jnp.matmul)
-        jax.block_until_ready((self._mm(*self._big), self._mm(*self._shaped)))
-        self.big_samples: list[float] = []
-        self.shaped_samples: list[float] = []
-
-    def sample(self) -> None:
-        t0 = time.perf_counter()
-        jax.block_until_ready(self._mm(*self._big))
-        t1 = time.perf_counter()
-        for _ in range(self._reps):
-            out = self._mm(*self._shaped)
-        jax.block_until_ready(out)
-        t2 = time.perf_counter()
-        self.big_samples.append(self._flops[0] / (t1 - t0))
-        self.shaped_samples.append(self._flops[1] / (t2 - t1))
-
-    @property
-    def matmul(self) -> float:
-        return float(np.median(self.big_samples))
-
-    @property
-    def shaped(self) -> float:
-        return float(np.median(self.shaped_samples))
-
-
-def _time_interleaved(fn, n: int, ref: MatmulReference) -> np.ndarray:
-    """Like ``_time_calls``, with a reference sample after each timed call."""
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-        ref.sample()
-    return np.asarray(times)
-
-
-def _build_step(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
-    graphdef, params = training.init_model(cfg, seed=0)
-    optimizer = training.make_optimizer(training.OptimConfig())
-    state = training.create_train_state(params, optimizer)
-    step = training.make_train_step(
-        graphdef, optimizer, binary=True, binarize="none", jit=False, python_loop=python_loop
-    )
-    return state, step
-
-
-def compile_seconds(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
-    state, step = _build_step(cfg, batch_size, python_loop)
-    images = jnp.zeros((batch_size, *cfg.image_shape), jnp.uint8)
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, images, jax.random.key(0)).compile()
-    return time.perf_counter() - t0, compiled, state, images
-
-
-def scan_matmul_seconds(m: int, k: int, n: int, length: int, reps: int = 5) -> dict[str, float]:
-    """Seconds per product of the three matmuls of a [m, k] x [k, n] layer inside a scan.
-
-    The train step's gate matmuls run inside the T-step ``lax.scan``: forward
-    ``x @ W``, input gradient ``g @ W^T`` and weight gradient ``W += x^T g``.
-    Each form is timed alone in a scan of ``length`` trips over fresh [m, .]
-    inputs (the first two stack their outputs, as the scan does; the third
-    accumulates), median over ``reps`` calls. Together with the FLOP count
-    this estimates a floor under the step: the time its gate matmuls take,
-    compiled as XLA compiles the step's own, if nothing else took any.
-    """
-    key = jax.random.key(0)
-    w = jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)
-    xs = jax.random.normal(key, (length, m, k), jnp.float32)
-    gs = jax.random.normal(key, (length, m, n), jnp.float32)
-
-    def forward(w, xs):
-        return jax.lax.scan(lambda c, x: (c, x @ w), 0.0, xs)[1]
-
-    def input_grad(w, gs):
-        return jax.lax.scan(lambda c, g: (c, g @ w.T), 0.0, gs)[1]
-
-    def weight_grad(xs, gs):
-        return jax.lax.scan(lambda acc, xg: (acc + xg[0].T @ xg[1], None), jnp.zeros((k, n)), (xs, gs))[0]
-
-    out = {}
-    for name, f, args in (
-        ("forward", forward, (w, xs)),
-        ("input_grad", input_grad, (w, gs)),
-        ("weight_grad", weight_grad, (xs, gs)),
-    ):
-        compiled = jax.jit(f).lower(*args).compile()
-        jax.block_until_ready(compiled(*args))
-        out[name] = float(np.median(_time_calls(lambda c=compiled, a=args: c(*a), reps))) / length
-    return out
-
-
-def gate_matmul_bound(cfg: DrawConfig, batch_size: int) -> dict:
-    """The step's LSTM gate matmuls measured alone (``scan_matmul_seconds``).
-
-    Returns the FLOP/s of each form for the encoder's shape, the gate
-    matmuls' FLOPs per step, and ``gate_matmul_ms_per_step``: the time both
-    LSTMs' forward, input-gradient and weight-gradient products take per
-    train step at those in-scan rates (an estimate of the floor under the
-    step time; in context XLA may run a product somewhat faster or slower).
-    """
-    shapes = {
-        "encoder": (batch_size, cfg.read_size + cfg.dec_size + cfg.enc_size, 4 * cfg.enc_size),
-        "decoder": (batch_size, cfg.z_size + cfg.dec_size, 4 * cfg.dec_size),
-    }
-    total_s, total_flops, rates = 0.0, 0.0, {}
-    for name, (m, k, n) in shapes.items():
-        seconds = scan_matmul_seconds(m, k, n, cfg.T)
-        flops = 2.0 * m * k * n
-        total_s += cfg.T * sum(seconds.values())
-        total_flops += 3 * cfg.T * flops
-        if name == "encoder":
-            rates = {form: flops / s for form, s in seconds.items()}
-    return {
-        "scan_gate_matmul_flops_per_s": rates,
-        "gate_matmul_flops_per_step": total_flops,
-        "gate_matmul_ms_per_step": total_s * 1e3,
-    }
-
-
-def _xla_flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", float("nan")))
-
-
-def flops_per_step(cfg: DrawConfig, batch_size: int) -> float:
-    """FLOPs of one train step from XLA's cost analysis.
-
-    XLA's HloCostAnalysis counts a while loop's body once, not once per trip,
-    so the scanned step under-reports by about a factor T. The step's FLOPs
-    are affine in T (identical steps), so we cost-analyse the Python-unrolled
-    step at T=3 and T=4 and extrapolate: flops(T) = f3 + (T - 3) * (f4 - f3).
-    (T=1 lets XLA simplify more away; the unrolled loop's stacking of per-step
-    outputs adds a little that grows with T, which the scan does not have, so
-    this is within a few percent of a fully unrolled count.)
-    """
-    f3, f4 = (
-        _xla_flops(compile_seconds(dataclasses.replace(cfg, T=T), batch_size, python_loop=True)[1])
-        for T in (3, 4)
-    )
-    return f3 + (cfg.T - 3) * (f4 - f3)
-
-
 def _device_step_seconds(
     cfg: DrawConfig, state, batch_size: int, steps: int, warmup: int, k: int, ref: MatmulReference
 ):
     """(compile seconds, [seconds per step of each timed call]) of train.py's default path.
 
     The training split on the device, k steps per compiled call
-    (``training.make_device_train_step``); ``steps`` is rounded up to whole calls.
+    (``train_step.make_device_train_step``); ``steps`` is rounded up to whole calls.
     """
     n = 50 * batch_size
     images = jnp.asarray(np.random.default_rng(0).integers(0, 2, (n, *cfg.image_shape)), jnp.uint8)
-    perms = jnp.stack([data_lib.device_epoch_permutation(0, e, n) for e in (0, 1)])
-    graphdef, _ = training.init_model(cfg, seed=0)
-    multi = training.make_device_train_step(
+    perms = jnp.stack([feeding.device_epoch_permutation(0, e, n) for e in (0, 1)])
+    graphdef, _ = train_step.init_model(cfg, seed=0)
+    multi = train_step.make_device_train_step(
         graphdef,
-        training.make_optimizer(training.OptimConfig()),
+        train_step.make_optimizer(OptimConfig()),
         binary=True,
         binarize="none",
         batch_size=batch_size,
@@ -293,8 +114,8 @@ def _device_step_seconds(
         holder["state"] = holder["state"].replace(step=holder["state"].step % (n // batch_size))
         return metrics["bound"]
 
-    _time_calls(call, max(1, -(-warmup // k)))
-    return compile_s, _time_interleaved(call, -(-steps // k), ref) / k
+    profiling.time_calls(call, max(1, -(-warmup // k)))
+    return compile_s, profiling.time_interleaved(call, -(-steps // k), ref) / k
 
 
 def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, warmup: int) -> dict:
@@ -309,8 +130,8 @@ def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, wa
         holder["state"], metrics = compiled(holder["state"], images, jax.random.key(i[0]))
         return metrics["bound"]
 
-    _time_calls(one, warmup)
-    single = _time_calls(one, steps)
+    profiling.time_calls(one, warmup)
+    single = profiling.time_calls(one, steps)
     k = FLAGS.steps_per_call
     gate_k = cfg.read_size + cfg.dec_size + cfg.enc_size
     ref = MatmulReference(FLAGS.matmul_size, (batch_size, gate_k, 4 * cfg.enc_size))
@@ -324,7 +145,7 @@ def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, wa
         "T": cfg.T,
         "attention": cfg.read_attention and cfg.write_attention,
         "batch_size": batch_size,
-        "compute_dtype": cfg.dtype,
+        "compute_dtype": cfg.compute_dtype,
         "steps_per_call": k,
         "step_ms_median": med * 1e3,
         "step_ms_p10": float(np.percentile(times, 10)) * 1e3,
@@ -353,7 +174,7 @@ def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, wa
 def data_pipeline_images_per_s(batch_size: int, seconds: float = 1.0) -> dict:
     """Host pipeline (shuffle + gather + host->device copy) on MNIST-sized arrays."""
     images = np.random.default_rng(0).integers(0, 2, (50_000, 28, 28, 1), dtype=np.uint8)
-    it = data_lib.train_batches(images, batch_size, seed=0)
+    it = feeding.train_batches(images, batch_size, seed=0)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         jax.block_until_ready(jax.device_put(next(it)))
@@ -381,12 +202,12 @@ def _print_table(records: list[dict]) -> None:
 
 @cli.user_errors_as_messages
 def main(argv: list[str]) -> None:
-    unknown = [c for c in FLAGS.configs if c not in CONFIGS]
+    unknown = [c for c in FLAGS.configs if c not in PRESETS]
     if unknown:
-        raise cli.ConfigError(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+        raise cli.ConfigError(f"--configs: unknown {unknown}; choose from {', '.join(PRESETS)}")
     if FLAGS.steps < 1 or FLAGS.batch_size < 1 or FLAGS.steps_per_call < 1:
         raise cli.ConfigError("--steps, --batch_size and --steps_per_call must be >= 1")
-    configs = {n: dataclasses.replace(CONFIGS[n], dtype=FLAGS.compute_dtype) for n in FLAGS.configs}
+    configs = {n: build_config(n, compute_dtype=FLAGS.compute_dtype).model for n in FLAGS.configs}
     b = FLAGS.batch_size
     m = FLAGS.matmul_size
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "

@@ -1,4 +1,5 @@
-"""What every entry point shares: user errors end in one paragraph, not a traceback."""
+"""What every entry point shares: flags made from the config's declarations, and
+user errors that end in one paragraph, not a traceback."""
 
 from __future__ import annotations
 
@@ -6,17 +7,81 @@ import functools
 import logging as logging_std
 import sys
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from absl import logging
+from absl import flags, logging
 
-from draw_jax.config import ConfigError
+from draw_jax import presets
+from draw_jax.config import SHORTHANDS, ConfigError, TrainConfig, build_config, settings
 from draw_jax.data import DataError
 
-# Errors a user can fix from the command line: bad flags, files or workdirs.
-__all__ = ["USER_ERRORS", "ConfigError", "DataError", "fail", "user_errors_as_messages"]
+__all__ = [
+    "USER_ERRORS",
+    "ConfigError",
+    "DataError",
+    "config_from_flags",
+    "define_config_flags",
+    "fail",
+    "user_errors_as_messages",
+]
 
+# Errors a user can fix from the command line: bad flags, files or workdirs.
 USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+
+_DEFINE = {
+    bool: flags.DEFINE_bool,
+    int: flags.DEFINE_integer,
+    float: flags.DEFINE_float,
+    str: flags.DEFINE_string,
+}
+
+
+def define_config_flags(only: Iterable[str] | None = None, *, defaults_from: str = "config") -> list[str]:
+    """Defines one absl flag per setting of ``draw_jax.config`` (name, type, default, help).
+
+    Args:
+      only: the settings to define (default: all, plus ``--preset`` and the
+        shorthands such as ``--attention``).
+      defaults_from: "config" gives each flag its declared default; "none"
+        gives every flag the default None (for commands where an unset flag
+        means "as the workdir's run had it").
+
+    Returns:
+      The names defined.
+    """
+    wanted = None if only is None else set(only)
+    names = []
+    for s in settings():
+        if wanted is not None and s.name not in wanted:
+            continue
+        default = s.default if defaults_from == "config" else None
+        help_text = s.help if defaults_from == "config" else f"{s.help} Default: the workdir's."
+        if s.choices:
+            flags.DEFINE_enum(s.name, default, list(s.choices), help_text)
+        else:
+            _DEFINE[s.type](s.name, default, help_text)
+        names.append(s.name)
+    if only is None:
+        for name, (_, help_text) in SHORTHANDS.items():
+            flags.DEFINE_bool(name, None, help_text)
+            names.append(name)
+        flags.DEFINE_enum(
+            "preset",
+            None,
+            list(presets.PRESETS),
+            "Named configuration (draw_jax/presets.py) the other flags apply on top of; "
+            "default: the flags' own defaults (the paper's MNIST setup). "
+            + "; ".join(f"{k}: {v or 'the defaults'}" for k, v in presets.PRESETS.items()),
+        )
+    return names
+
+
+def config_from_flags(names: Iterable[str]) -> TrainConfig:
+    """``build_config`` from the flags given on the command line (unset ones keep their default)."""
+    f = flags.FLAGS
+    given: dict[str, Any] = {name: f[name].value for name in names if f[name].present and name != "preset"}
+    return build_config(f["preset"].value if "preset" in f else None, **given)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl import flags
 
 from draw_jax import data as data_lib
-from draw_jax.config import TrainConfig
+from draw_jax.config import DataConfig, TrainConfig
+from experiments import cli
 
 flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).", required=True)
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_string("split", "valid", "Split to use: valid or test (binarized_mnist), test (mnist).")
+flags.DEFINE_string("split", "valid", "Split to use: valid or test.")
 flags.DEFINE_integer("seed", 0, "Seed of every random draw; results are deterministic given it.")
-flags.DEFINE_enum("dataset", None, list(data_lib.DATASETS), "Default: the workdir's.")
-flags.DEFINE_string("data_dir", None, "Local data folder (default: the workdir's, else TFDS).")
-flags.DEFINE_string("tfds_data_dir", None, "TFDS's data folder.")
-flags.DEFINE_enum("binarize", None, list(data_lib.BINARIZE_CHOICES), "Default: the workdir's.")
+DATA_SETTINGS = cli.define_config_flags(
+    ["dataset", "data_dir", "tfds_data_dir", "binarize"], defaults_from="none"
+)
+flags.adopt_module_key_flags(cli)
 
 FLAGS = flags.FLAGS
 
 
-def load_data(config: TrainConfig) -> tuple[data_lib.Dataset, str]:
-    """The --split of the workdir's data set (flags override), and the binarisation."""
-    dataset = FLAGS.dataset or config.data.dataset
-    binarize = data_lib.resolve_binarize(
-        dataset, FLAGS.binarize or (config.data.binarize if dataset == config.data.dataset else None)
-    )
-    data_dir = FLAGS.data_dir or (config.data.data_dir if dataset == config.data.dataset else None)
-    tfds_dir = FLAGS.tfds_data_dir or config.data.tfds_data_dir
-    return data_lib.load_split(dataset, FLAGS.split, data_dir, tfds_dir), binarize
+def data_config(config: TrainConfig) -> DataConfig:
+    """The workdir's data settings with the data flags given applied (validated by ``DataConfig``).
+
+    Another --dataset drops the workdir's data_dir and binarisation unless given too.
+    """
+    given = {name: FLAGS[name].value for name in DATA_SETTINGS if FLAGS[name].value is not None}
+    base = config.data
+    if given.get("dataset", base.dataset) != base.dataset:
+        base = dataclasses.replace(base, data_dir=None, binarize=None)
+    return dataclasses.replace(base, **given)
+
+
+def load_data(config: TrainConfig) -> tuple[data_lib.Dataset, DataConfig]:
+    """The --split of the workdir's data set (flags override), and the data settings used."""
+    d = data_config(config)
+    return data_lib.load_split(d.dataset, FLAGS.split, d.data_dir, d.tfds_data_dir), d

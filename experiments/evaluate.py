@@ -13,12 +13,14 @@ from absl import app, flags
 
 from draw_jax.evaluation import SplitEvaluator
 from draw_jax.metrics import write_json
-from draw_jax.trained import load_trained
+from draw_jax.workdir import load_trained
 from experiments import cli, common_flags
 
 flags.DEFINE_integer("num_importance_samples", 10, "k for the IWAE estimate (1 = the bound, in expectation).")
 flags.DEFINE_integer("batch_size", 100, "Images per evaluation batch.")
 flags.DEFINE_string("output", None, "JSON path (default: in the workdir).")
+
+flags.adopt_module_key_flags(common_flags)  # its flags show in --help
 
 FLAGS = flags.FLAGS
 
@@ -32,23 +34,35 @@ def main(argv: list[str]) -> None:
     if FLAGS.batch_size < 1:
         raise cli.ConfigError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
     trained = load_trained(FLAGS.workdir, FLAGS.step)
-    split, binarize = common_flags.load_data(trained.config)
+    split, data_cfg = common_flags.load_data(trained.config)
     evaluator = SplitEvaluator(
         trained.graphdef,
         binary=split.binary,
-        binarize=binarize,
+        binarize=data_cfg.binarize,
         batch_size=FLAGS.batch_size,
         num_importance_samples=FLAGS.num_importance_samples,
     )
     res = evaluator(trained.params, split.images, seed=FLAGS.seed)
     k = res.num_importance_samples
     print(f"DRAW {FLAGS.workdir} step {trained.step} on {split.name}/{split.split} ({res.num_images} images)")
-    print(f"  {'variational bound (nats)':<34}{res.bound:10.2f}")
-    print(f"  {'  reconstruction':<34}{res.recon:10.2f}")
-    print(f"  {'  KL':<34}{res.kl:10.2f}")
-    print(f"  {f'IWAE estimate of -log p(x), k={k}':<34}{res.iwae:10.2f}")
+    if data_cfg.binary_targets:
+        bound_label, iwae_label = "variational bound (nats)", f"IWAE estimate of -log p(x), k={k}"
+    else:  # a Bernoulli loss on grey levels is a cross-entropy, not a likelihood
+        print("  (grey targets, --binarize=none: cross-entropies, not likelihoods)")
+        bound_label, iwae_label = "cross-entropy bound (nats)", f"importance-weighted cross-entropy, k={k}"
+    print(f"  {bound_label:<44}{res.bound:10.2f}")
+    print(f"  {'  reconstruction':<44}{res.recon:10.2f}")
+    print(f"  {'  KL':<44}{res.kl:10.2f}")
+    print(f"  {iwae_label:<44}{res.iwae:10.2f}")
     path = FLAGS.output or os.path.join(FLAGS.workdir, f"eval_{split.split}_step{trained.step}_k{k}.json")
-    payload = {"step": trained.step, "dataset": split.name, "split": split.split, "seed": FLAGS.seed}
+    payload = {
+        "step": trained.step,
+        "dataset": split.name,
+        "split": split.split,
+        "seed": FLAGS.seed,
+        "binarize": data_cfg.binarize,
+        "is_likelihood": data_cfg.binary_targets,
+    }
     write_json(path, payload | dataclasses.asdict(res))
     print(f"wrote {path}")
 

@@ -18,14 +18,16 @@ import numpy as np
 from absl import app, flags
 
 from draw_jax import data as data_lib
-from draw_jax import pictures, training
-from draw_jax.trained import load_trained
+from draw_jax import pictures, train_step
+from draw_jax.workdir import load_trained
 from experiments import cli, common_flags
 
 flags.DEFINE_string("output_dir", None, "Where the pictures go.", required=True)
 flags.DEFINE_integer("num_samples", 64, "Samples in samples.png.")
 flags.DEFINE_integer("num_animated", 16, "Examples in each GIF and strip.")
 flags.DEFINE_bool("overwrite", False, "Replace pictures already in --output_dir.")
+
+flags.adopt_module_key_flags(common_flags)  # its flags show in --help
 
 FLAGS = flags.FLAGS
 
@@ -70,15 +72,15 @@ def main(argv: list[str]) -> None:
         )
     trained = load_trained(FLAGS.workdir, FLAGS.step)
     cfg = trained.config.model
-    split, binarize = common_flags.load_data(trained.config)
-    model = training.apply_model(trained.graphdef, trained.params)
+    split, data_cfg = common_flags.load_data(trained.config)
+    model = train_step.apply_model(trained.graphdef, trained.params)
     key = jax.random.key(FLAGS.seed)
     gen_key, data_key, rec_key = jax.random.split(key, 3)
     written = []
 
     # Samples from the prior.
     gen = jax.jit(model.generate, static_argnums=1)(gen_key, max(FLAGS.num_samples, FLAGS.num_animated))
-    means = np.asarray(jax.nn.sigmoid(gen.canvases))  # [T, N, h, w, c]
+    means = np.asarray(jax.nn.sigmoid(gen.canvases))  # [T, m, h, w, c]
     written.append(
         pictures.save_png(os.path.join(out_dir, "samples.png"), pictures.grid(means[-1, : FLAGS.num_samples]))
     )
@@ -91,7 +93,7 @@ def main(argv: list[str]) -> None:
 
     # Reconstructions of held-out images.
     images = split.images[: FLAGS.num_animated]
-    x = data_lib.preprocess(images, split.binary, binarize, data_key)
+    x = data_lib.preprocess(images, split.binary, data_cfg.binarize, data_key)
     out = jax.jit(lambda x, k: model(x, k))(x, rec_key)
     rec = np.asarray(jax.nn.sigmoid(out.canvases))
     written.append(

@@ -9,7 +9,7 @@ import struct
 import numpy as np
 import pytest
 
-from draw_jax import data
+from draw_jax import data, evaluation, feeding
 
 
 def _bin_dir(shared_data: str) -> str:
@@ -43,8 +43,8 @@ def test_missing_test_split_names_the_file(shared_data):
 def test_unknown_dataset_and_split():
     with pytest.raises(data.DataError, match="unknown dataset 'cifar'"):
         data.load_split("cifar", "train", "/tmp")
-    with pytest.raises(data.DataError, match=r"has no split 'valid'.*train, test"):
-        data.load_split("mnist", "valid", "/tmp")
+    with pytest.raises(data.DataError, match=r"has no split 'dev'.*train, valid, test"):
+        data.load_split("mnist", "dev", "/tmp")
 
 
 def _write_amat(path, rows, gz=True):
@@ -120,17 +120,28 @@ def test_bad_idx_files_are_named(tmp_path, magic, rows, cols, payload, message):
 
 
 def test_missing_data_dir():
-    with pytest.raises(data.DataError, match="not a directory"):
+    with pytest.raises(data.DataError, match=r"missing data file.*--data_dir=/nonexistent/folder"):
         data.load_split("mnist", "train", "/nonexistent/folder")
 
 
-def test_binarize_choices():
-    assert data.resolve_binarize("binarized_mnist", None) == "none"
-    assert data.resolve_binarize("mnist", None) == "dynamic"
-    with pytest.raises(data.DataError, match="does not apply to binarized_mnist"):
-        data.resolve_binarize("binarized_mnist", "dynamic")
-    with pytest.raises(data.DataError, match="--binarize must be one of"):
-        data.resolve_binarize("mnist", "otsu")
+def test_mnist_valid_is_held_out_of_train(shared_data):
+    # MNIST has no validation split: valid is training images 50,000-59,999,
+    # train the first 50,000 (the cut binarized MNIST makes), test stays t10k.
+    folder = os.path.join(shared_data, "mnist")
+    train = data.load_split("mnist", "train", folder)
+    valid = data.load_split("mnist", "validation", folder)
+    assert train.images.shape[0] == 50_000 and valid.images.shape[0] == 10_000
+    raw = data._read_idx_images(os.path.join(folder, "train-images-idx3-ubyte.gz"))
+    np.testing.assert_array_equal(valid.images, raw[50_000:])
+    np.testing.assert_array_equal(train.images, raw[:50_000])
+
+
+def test_a_short_mnist_train_file_is_named(tmp_path):
+    _write_idx(tmp_path / "train-images-idx3-ubyte.gz", 2051, 40, 28, 28)
+    with pytest.raises(
+        data.DataError, match=r"mnist/valid is images 50000 of the train file, which holds only 40"
+    ):
+        data.load_split("mnist", "valid", str(tmp_path))
 
 
 def test_preprocess_binarisations():
@@ -152,21 +163,21 @@ def test_preprocess_binarisations():
 
 def test_train_batches_shuffle_per_epoch_drop_last_and_resume():
     images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1)
-    it = data.train_batches(images, batch_size=3, seed=7)
+    it = feeding.train_batches(images, batch_size=3, seed=7)
     batches = [next(it).ravel() for _ in range(6)]  # 3 per epoch (10 // 3), 1 image dropped
     epoch0 = np.concatenate(batches[:3])
     assert len(set(epoch0)) == 9  # no repeats within an epoch
     assert not np.array_equal(np.concatenate(batches[:3]), np.concatenate(batches[3:]))
-    resumed = data.train_batches(images, batch_size=3, seed=7, start_step=4)
+    resumed = feeding.train_batches(images, batch_size=3, seed=7, start_step=4)
     np.testing.assert_array_equal(next(resumed).ravel(), batches[4])
-    other_seed = data.train_batches(images, batch_size=3, seed=8)
+    other_seed = feeding.train_batches(images, batch_size=3, seed=8)
     assert not np.array_equal(next(other_seed).ravel(), batches[0])
 
 
 def test_eval_batches_pad_and_mask_every_image_once():
     images = np.arange(7, dtype=np.uint8).reshape(7, 1, 1, 1)
     seen = []
-    for batch, mask in data.eval_batches(images, 3):
+    for batch, mask in evaluation.eval_batches(images, 3):
         assert batch.shape[0] == 3
         seen.extend(batch.ravel()[mask].tolist())
     assert seen == list(range(7))

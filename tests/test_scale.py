@@ -11,8 +11,9 @@ import textwrap
 import jax
 import numpy as np
 
-from draw_jax import training
-from draw_jax.model import DrawConfig
+from draw_jax import profiling, train_step
+from draw_jax.config import DrawConfig, OptimConfig
+from draw_jax.presets import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,25 +22,25 @@ SHARDED_SCRIPT = textwrap.dedent(
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, numpy as np
-    from draw_jax import training
-    from draw_jax.model import DrawConfig
-    from draw_jax.train_loop import Parallel
+    from draw_jax import train_step
+    from draw_jax.config import DrawConfig, OptimConfig
+    from draw_jax.parallel import Parallel
 
     assert jax.device_count() == 4, jax.devices()
     cfg = DrawConfig(T=4, enc_size=32, dec_size=32, z_size=6, read_n=2, write_n=3)
-    graphdef, params = training.init_model(cfg, 0)
-    opt = training.make_optimizer(training.OptimConfig())
-    state = training.create_train_state(params, opt)
+    graphdef, params = train_step.init_model(cfg, 0)
+    opt = train_step.make_optimizer(OptimConfig())
+    state = train_step.create_train_state(params, opt)
     images = np.random.default_rng(0).integers(0, 2, (16, 28, 28, 1)).astype(np.uint8)
     key = jax.random.key(5)
     kw = dict(binary=True, binarize="none")
 
     # Each step donates its state: give each its own copy.
     one = jax.tree.map(lambda a: a.copy(), state)
-    s1, m1 = training.make_train_step(graphdef, opt, **kw)(one, jax.device_put(images, jax.devices()[0]), key)
+    s1, m1 = train_step.make_train_step(graphdef, opt, **kw)(one, jax.device_put(images, jax.devices()[0]), key)
 
     par = Parallel.create(16)
-    s4, m4 = training.make_train_step(graphdef, opt, batch_sharding=par.batch, **kw)(
+    s4, m4 = train_step.make_train_step(graphdef, opt, batch_sharding=par.batch, **kw)(
         jax.device_put(jax.tree.map(lambda a: a.copy(), state), par.replicated), par.put_batch(images), key)
     assert len(s4.params["to_mu"]["kernel"].sharding.device_set) == 4
     np.testing.assert_allclose(m4["bound"], m1["bound"], rtol=1e-5)
@@ -67,12 +68,12 @@ def test_sharded_step_equals_single_device_step():
 
 
 def test_bfloat16_compute_trains_and_stays_finite():
-    cfg = DrawConfig(T=4, enc_size=32, dec_size=32, z_size=6, read_n=2, write_n=3, dtype="bfloat16")
-    graphdef, params = training.init_model(cfg, 0)
+    cfg = DrawConfig(T=4, enc_size=32, dec_size=32, z_size=6, read_n=2, write_n=3, compute_dtype="bfloat16")
+    graphdef, params = train_step.init_model(cfg, 0)
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))  # parameters stay float32
-    opt = training.make_optimizer(training.OptimConfig(learning_rate=3e-3))
-    state = training.create_train_state(params, opt)
-    step = training.make_train_step(graphdef, opt, binary=True, binarize="none")
+    opt = train_step.make_optimizer(OptimConfig(learning_rate=3e-3))
+    state = train_step.create_train_state(params, opt)
+    step = train_step.make_train_step(graphdef, opt, binary=True, binarize="none")
     images = np.random.default_rng(0).binomial(1, 0.15, (32, 28, 28, 1)).astype(np.uint8)
     bounds = []
     for i in range(40):
@@ -102,14 +103,16 @@ def test_benchmark_emits_every_field(tmp_path):
     ]  # fmt: skip
     for field in required:
         assert field in step, field
-    assert step["T"] == 3 and step["flops_per_step"] > 0 and 0 < step["flop_fraction"]
+    assert step["T"] == PRESETS["tiny"]["T"] and step["flops_per_step"] > 0 and 0 < step["flop_fraction"]
     np.testing.assert_allclose(
         step["flop_fraction"], step["achieved_flops_per_s"] / step["matmul_flops_per_s"]
     )
     # The gate matmuls (3 products x 2 LSTMs x T steps) are part of the FLOPs
     # XLA counts for the whole step, and each was timed in its scan.
-    b, e, d, z, read = 100, 16, 16, 4, 2 * 2 * 2
-    gate = 3 * 3 * 2 * b * ((read + d + e) * 4 * e + (z + d) * 4 * d)
+    tiny = PRESETS["tiny"]
+    T, b, e, d, z = tiny["T"], 100, tiny["enc_size"], tiny["dec_size"], tiny["z_size"]
+    read = 2 * tiny["read_n"] ** 2
+    gate = T * 3 * 2 * b * ((read + d + e) * 4 * e + (z + d) * 4 * d)
     assert step["gate_matmul_flops_per_step"] == gate < step["flops_per_step"]
     assert set(step["scan_gate_matmul_flops_per_s"]) == {"forward", "input_grad", "weight_grad"}
     assert min(step["scan_gate_matmul_flops_per_s"].values()) > 0 and step["gate_matmul_ms_per_step"] > 0
@@ -124,8 +127,6 @@ def test_benchmark_emits_every_field(tmp_path):
 def test_flops_per_step_is_affine_in_T():
     # The benchmark's FLOP count (unrolled T=3, 4 extrapolated) matches XLA's
     # count of a fully unrolled T=6 step to a few percent.
-    from experiments import benchmark
-
     cfg = DrawConfig(T=6, enc_size=16, dec_size=16, z_size=4)
-    unrolled = benchmark._xla_flops(benchmark.compile_seconds(cfg, 8, python_loop=True)[1])
-    np.testing.assert_allclose(benchmark.flops_per_step(cfg, 8), unrolled, rtol=0.03)
+    unrolled = profiling.xla_flops(profiling.compile_seconds(cfg, 8, python_loop=True)[1])
+    np.testing.assert_allclose(profiling.flops_per_step(cfg, 8), unrolled, rtol=0.03)

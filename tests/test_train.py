@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import gzip
 import json
@@ -14,14 +13,13 @@ import jax
 import numpy as np
 import pytest
 
-from draw_jax import training
+from draw_jax import train_step
 from draw_jax.checkpoint import Checkpointer
-from draw_jax.config import ConfigError, DataConfig, RunConfig, TrainConfig
-from draw_jax.model import DrawConfig
+from draw_jax.config import ConfigError, TrainConfig, build_config
 from draw_jax.train_loop import TrainingDiverged, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY_FLAGS = ["--T=4", "--enc_size=32", "--dec_size=32", "--z_size=8", "--read_n=2", "--write_n=3"]
+TINY_FLAGS = ["--preset=tiny"]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +36,9 @@ def small_data(shared_data, tmp_path_factory):
     return str(folder)
 
 
-def tiny_config(data_dir: str, **run) -> TrainConfig:
-    model = DrawConfig(T=4, enc_size=32, dec_size=32, z_size=8, read_n=2, write_n=3)
+def tiny_config(data_dir: str, **settings) -> TrainConfig:
     defaults = dict(num_steps=24, log_every=4, eval_every=0, checkpoint_every=8, eval_examples=100)
-    return TrainConfig(
-        model=model,
-        data=DataConfig(data_dir=data_dir, batch_size=50),
-        run=RunConfig(**(defaults | run)),
-    )
+    return build_config("tiny", data_dir=data_dir, batch_size=50, **(defaults | settings))
 
 
 def run_cli(module: str, *args: str, ok: bool = True) -> subprocess.CompletedProcess:
@@ -58,9 +51,11 @@ def run_cli(module: str, *args: str, ok: bool = True) -> subprocess.CompletedPro
 
 
 def final_params(workdir: str, config: TrainConfig):
-    _, params = training.init_model(config.model, 0)
-    like = training.create_train_state(params, training.make_optimizer(config.optim))
-    return Checkpointer(workdir).restore(like)
+    _, params = train_step.init_model(config.model, 0)
+    config = config.resolve(10**6)  # the schedule's length does not change the state's structure
+    like = train_step.create_train_state(params, train_step.make_optimizer(config.optim))
+    with Checkpointer(workdir) as checkpoints:
+        return checkpoints.restore(like)
 
 
 def test_train_command_writes_everything_then_evaluate_and_sample(small_data, tmp_path):
@@ -120,12 +115,11 @@ def test_train_command_writes_everything_then_evaluate_and_sample(small_data, tm
 def test_resume_gives_the_same_run_as_uninterrupted(small_data, tmp_path, device_data):
     # Interrupt after 12 steps, restart the same command: same parameters and
     # optimiser state after 24 steps as a run that was never interrupted.
-    cfg = tiny_config(small_data, num_steps=24)
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, device_data=device_data))
+    cfg = tiny_config(small_data, num_steps=24, device_data=device_data)
     straight = str(tmp_path / "straight")
     res_a = train_and_evaluate(cfg, straight)
     interrupted = str(tmp_path / "interrupted")
-    train_and_evaluate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, num_steps=12)), interrupted)
+    train_and_evaluate(tiny_config(small_data, num_steps=12, device_data=device_data), interrupted)
     res_b = train_and_evaluate(cfg, interrupted)
     a, b = final_params(straight, cfg), final_params(interrupted, cfg)
     assert int(a.step) == int(b.step) == 24
@@ -135,25 +129,29 @@ def test_resume_gives_the_same_run_as_uninterrupted(small_data, tmp_path, device
 
 
 def test_device_resident_batches_equal_host_batches(small_data, tmp_path):
-    # Device data (with several steps per call) replays the host pipeline exactly.
-    base = tiny_config(small_data, num_steps=14, checkpoint_every=0)  # 12 steps/epoch: crosses an epoch
-    host = dataclasses.replace(base, data=dataclasses.replace(base.data, device_data=False))
-    dev = dataclasses.replace(base, run=dataclasses.replace(base.run, steps_per_call=5))
+    # Device data with 5 steps per compiled call replays the host pipeline
+    # exactly. 600 images / 50 = 12 steps an epoch, so the call of steps 10-14
+    # crosses from epoch 0 into epoch 1 inside one compiled call.
+    common = dict(num_steps=15, log_every=5, checkpoint_every=0)
+    host = tiny_config(small_data, device_data=False, **common)
+    dev = tiny_config(small_data, steps_per_call=5, **common)
     train_and_evaluate(host, str(tmp_path / "host"))
-    train_and_evaluate(dev, str(tmp_path / "dev"))
+    res = train_and_evaluate(dev, str(tmp_path / "dev"))
+    assert res["steps_per_call"] == 5  # really several steps per call, not reduced to 1
     a, b = final_params(str(tmp_path / "host"), host), final_params(str(tmp_path / "dev"), dev)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
 def test_divergence_stops_with_message_and_keeps_last_good_checkpoint(small_data, tmp_path):
-    cfg = tiny_config(small_data, num_steps=20, checkpoint_every=1, log_every=1)
-    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, learning_rate=1e30, clip_norm=0.0))
+    cfg = tiny_config(
+        small_data, num_steps=20, checkpoint_every=1, log_every=1, learning_rate=1e30, clip_norm=0.0
+    )
     workdir = str(tmp_path / "nan")
     with pytest.raises(TrainingDiverged, match=r"became (nan|inf|-inf).*last good checkpoint \(step \d+\)"):
         train_and_evaluate(cfg, workdir)
-    ckpt = Checkpointer(workdir)
-    last = ckpt.latest_step()
+    with Checkpointer(workdir) as ckpt:
+        last = ckpt.latest_step()
     assert last is not None and last < 20
     restored = final_params(workdir, cfg)
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(restored.params))
@@ -163,7 +161,7 @@ def test_workdir_of_a_different_run_is_refused(small_data, tmp_path):
     cfg = tiny_config(small_data, num_steps=4, checkpoint_every=0)
     workdir = str(tmp_path / "w")
     train_and_evaluate(cfg, workdir)
-    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, z_size=9))
+    other = tiny_config(small_data, num_steps=4, checkpoint_every=0, z_size=9)
     with pytest.raises(ConfigError, match=r"model.z_size: 8 -> 9"):
         train_and_evaluate(other, workdir)
 
@@ -171,11 +169,10 @@ def test_workdir_of_a_different_run_is_refused(small_data, tmp_path):
 def test_small_config_does_not_collapse_to_the_prior(small_data, tmp_path):
     # The blog ports' small configuration (T=10, z=10) on real data: with the
     # tiling window initialisation the KL stays well above 0 (no collapse).
-    cfg = TrainConfig(
-        model=DrawConfig(T=10, enc_size=64, dec_size=64, z_size=10),
-        data=DataConfig(data_dir=small_data, batch_size=50),
-        run=RunConfig(num_steps=120, log_every=120, eval_every=0, checkpoint_every=0, eval_examples=200),
-    )
+    cfg = build_config(
+        "small_attention", enc_size=64, dec_size=64, data_dir=small_data, batch_size=50,
+        num_steps=120, log_every=120, eval_every=0, checkpoint_every=0, eval_examples=200,
+    )  # fmt: skip
     res = train_and_evaluate(cfg, str(tmp_path / "small"))
     assert res["valid"]["kl"] > 2.0, res["valid"]
 
@@ -184,11 +181,15 @@ def test_small_config_does_not_collapse_to_the_prior(small_data, tmp_path):
     "args,message",
     [
         (["--T=0"], "--T must be a positive integer"),
-        (["--read_n=0"], "--read_n (glimpse size) must be >= 1"),
+        (["--read_n=0"], "--read_n (glimpse size) must be a positive integer"),
         (["--z_size=-4"], "--z_size must be a positive integer"),
-        (["--batch_size=0"], "--batch_size must be >= 1"),
+        (["--batch_size=0"], "--batch_size must be a positive integer"),
         (["--learning_rate=-1"], "--learning_rate must be > 0"),
         (["--dataset=cifar"], "--dataset"),
+        (["--preset=huge"], "--preset"),
+        (["--num_epochs=2", "--num_steps=5"], "give one run length"),
+        (["--eval_split=dev"], "--eval_split=dev: binarized_mnist has splits train, valid, test"),
+        (["--lr_schedule=cosine", "--decay_steps=0"], "--decay_steps must be >= 1"),
         (["--binarize=threshold"], "does not apply to binarized_mnist"),
         (["--data_dir=/nonexistent"], "--data_dir=/nonexistent is not a directory"),
         (["--eval_split=train"], "held-out split"),
@@ -211,3 +212,85 @@ def test_missing_file_and_missing_checkpoint_messages(tmp_path, small_data):
     assert proc.returncode == 2 and "missing data file" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("experiments.evaluate", f"--workdir={tmp_path}/nothing", ok=False)
     assert proc.returncode == 2 and "config.json not found" in proc.stderr
+
+
+def test_extending_a_cosine_run_keeps_its_schedule(small_data, tmp_path):
+    # A finished 12-step cosine run extended to 16 steps with the same flags
+    # (--num_steps raised) is allowed, keeps decay_steps = 12 in config.json,
+    # and its last 4 steps run at the schedule's final rate; asking for another
+    # schedule length in the same workdir is refused.
+    workdir = str(tmp_path / "cos")
+    base = dict(lr_schedule="cosine", learning_rate=1e-2, final_lr_fraction=0.1, checkpoint_every=4)
+    train_and_evaluate(tiny_config(small_data, num_steps=12, **base), workdir)
+    res = train_and_evaluate(tiny_config(small_data, num_steps=16, **base), workdir)
+    assert res["step"] == 16
+    saved = json.load(open(f"{workdir}/config.json"))
+    assert saved["optim"]["decay_steps"] == 12 and saved["run"]["num_steps"] == 16
+    schedule = train_step.learning_rate_schedule(TrainConfig.from_dict(saved).optim)
+    np.testing.assert_allclose([float(schedule(s)) for s in (12, 15)], [1e-3, 1e-3], rtol=1e-6)
+    assert float(schedule(0)) == pytest.approx(1e-2)
+    with pytest.raises(ConfigError, match=r"optim.decay_steps: 12 -> 20"):
+        train_and_evaluate(tiny_config(small_data, num_steps=20, decay_steps=20, **base), workdir)
+    fresh = str(tmp_path / "fresh")
+    train_and_evaluate(tiny_config(small_data, num_steps=8, **base), fresh)
+    assert json.load(open(f"{fresh}/config.json"))["optim"]["decay_steps"] == 8  # a new run: its own length
+
+
+def test_num_epochs_counts_whole_epochs_of_the_real_split(small_data, tmp_path):
+    res = train_and_evaluate(
+        tiny_config(small_data, num_epochs=2, num_steps=None, log_every=6), str(tmp_path / "e")
+    )
+    assert res["step"] == 2 * (600 // 50)
+
+
+def test_ctrl_c_keeps_a_resumable_checkpoint(small_data, tmp_path):
+    # SIGINT in the middle of training: the command exits 130 with a message
+    # naming the checkpoint, writers and checkpointer closed, and the same
+    # command resumes from that checkpoint.
+    import signal
+    import time
+
+    from draw_jax import workdir as workdir_lib
+
+    workdir = str(tmp_path / "int")
+    args = [
+        sys.executable, "-m", "experiments.train", *TINY_FLAGS, f"--data_dir={small_data}",
+        f"--workdir={workdir}", "--batch_size=50", "--checkpoint_every=3", "--log_every=3",
+        "--eval_every=0", "--eval_examples=50", "--steps_per_call=1",
+    ]  # fmt: skip
+    proc = subprocess.Popen([*args, "--num_steps=1000000"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not glob.glob(f"{workdir}/checkpoints/[0-9]*"):
+        time.sleep(0.5)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    message = " ".join(stderr.split())  # the message is wrapped at 100 columns
+    assert "interrupted at step" in message and "run the same command to resume" in message
+    assert "Traceback" not in stderr
+    with Checkpointer(workdir) as ckpt:
+        last = ckpt.latest_step()
+    assert last is not None and last % 3 == 0
+    resumed = run_cli(*args[2:], f"--num_steps={last + 3}")
+    assert f"resumed from {os.path.abspath(workdir)}/checkpoints at step {last}" in resumed.stderr
+    results = json.load(open(os.path.join(workdir, workdir_lib.RESULTS_FILE)))
+    assert results["step"] == last + 3
+
+
+def test_grey_mnist_defaults_run_and_evaluate_honestly(shared_data, tmp_path):
+    # --dataset=mnist with every other flag at its default evaluates on the
+    # held-out valid split (no test images); with --binarize=none the
+    # evaluation says it reports cross-entropies, not likelihoods.
+    workdir = str(tmp_path / "grey")
+    mnist = os.path.join(shared_data, "mnist")
+    run_cli(
+        "experiments.train", *TINY_FLAGS, "--dataset=mnist", f"--data_dir={mnist}", f"--workdir={workdir}",
+        "--num_steps=4", "--log_every=2", "--eval_examples=100", "--binarize=none",
+    )  # fmt: skip
+    results = json.load(open(f"{workdir}/results.json"))
+    assert results["valid"]["num_images"] == 100
+    out = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_importance_samples=2").stdout
+    assert "not likelihoods" in out and "IWAE estimate of -log p(x)" not in out
+    ev = json.load(open(glob.glob(f"{workdir}/eval_valid_*.json")[0]))
+    assert ev["is_likelihood"] is False and ev["num_images"] == 10_000

@@ -1,16 +1,17 @@
-"""Training state, optimiser and the jitted train / eval steps (pure functions).
+"""The train step and its optimiser: pure functions of (state, batch, key).
 
 The model is an NNX module, but the training state holds its parameters as a
 plain nested dict (``nnx.split`` + ``to_pure_dict``): optax, orbax and
 ``jax.sharding`` all see an ordinary pytree, and the train step is a pure
-function of (state, batch, key) that ``jax.jit`` compiles once.
+function of (state, batch, key) that ``jax.jit`` compiles once. Which batch
+and key each step gets is ``feeding``'s business; the loop is ``train_loop``.
 
-Notation: b = batch, h, w, c = image shape, T = steps.
+Notation (``draw_jax/__init__.py``): b = batch, m = images in a split,
+h, w, c = image shape, T = glimpses, k = steps per compiled call.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -21,11 +22,12 @@ import optax
 from flax import nnx
 
 from draw_jax import data as data_lib
+from draw_jax.config import DrawConfig, OptimConfig
 from draw_jax.losses import Bound, draw_bound
-from draw_jax.model import DRAW, DrawConfig
+from draw_jax.model import DRAW
 
 __all__ = [
-    "OptimConfig",
+    "Params",
     "TrainState",
     "apply_model",
     "create_train_state",
@@ -38,50 +40,14 @@ __all__ = [
 Params = dict[str, Any]
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Adam on globally clipped gradients (the ericjang/draw settings by default).
-
-    Attributes:
-      learning_rate: peak step size.
-      adam_b1, adam_b2: Adam's decay rates.
-      clip_norm: global gradient-norm bound (0 disables clipping).
-      lr_schedule: 'constant' or 'cosine' (decay to ``final_lr_fraction`` of the
-        peak over ``decay_steps``), after ``warmup_steps`` of linear warm-up.
-      kl_warmup_steps: linearly raise the KL weight from 0 to 1 over this many
-        steps (0 = off, the paper's objective from the first step).
-    """
-
-    learning_rate: float = 1e-3
-    adam_b1: float = 0.5
-    adam_b2: float = 0.999
-    clip_norm: float = 5.0
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    decay_steps: int = 0
-    final_lr_fraction: float = 0.1
-    kl_warmup_steps: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.learning_rate > 0:
-            raise ValueError(f"--learning_rate must be > 0, got {self.learning_rate}")
-        for name in ("adam_b1", "adam_b2"):
-            v = getattr(self, name)
-            if not 0 <= v < 1:
-                raise ValueError(f"--{name} must be in [0, 1), got {v}")
-        if self.clip_norm < 0:
-            raise ValueError(f"--clip_norm must be >= 0 (0 disables), got {self.clip_norm}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"--lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        for name in ("warmup_steps", "decay_steps", "kl_warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr_schedule == "cosine" and self.decay_steps <= 0:
-            raise ValueError("--lr_schedule=cosine needs --decay_steps > 0")
-
-
 def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+    """Linear warm-up, then constant or cosine (held at its final rate after ``decay_steps``).
+
+    ``decay_steps`` must be resolved (``TrainConfig.resolve``) for a cosine schedule.
+    """
     if cfg.lr_schedule == "cosine":
+        if cfg.decay_steps is None:
+            raise ValueError("a cosine schedule needs decay_steps: resolve the config first")
         return optax.warmup_cosine_decay_schedule(
             init_value=0.0 if cfg.warmup_steps else cfg.learning_rate,
             peak_value=cfg.learning_rate,
@@ -207,17 +173,18 @@ def make_device_train_step(
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Builds a jitted ``multi_step(state, images, perms, first_epoch, base_key)``.
 
-    The training split stays on the device: ``images`` is uint8 [n, h, w, c] and
-    ``perms`` [2, n] holds the orders of epochs ``first_epoch`` and the next.
+    The training split stays on the device: ``images`` is uint8 [m, h, w, c] and
+    ``perms`` [2, m] holds the orders of epochs ``first_epoch`` and the next.
     Each of the ``steps_per_call`` steps takes batch ``step % steps_per_epoch``
     of its epoch's order and the key ``fold_in(base_key, step)``: exactly the
-    batches and keys of the host loop (``data.train_batches``), without a
+    batches and keys of the host loop (``feeding.train_batches``), without a
     host-to-device copy per step.
+
+    ``steps_per_call`` must not exceed ``steps_per_epoch`` (``RunConfig.steps_per_call_for``
+    ensures it), so a call spans at most two epochs.
 
     Returns (state, metrics), each metric stacked over the steps of the call.
     """
-    if steps_per_call > steps_per_epoch:
-        raise ValueError(f"--steps_per_call={steps_per_call} exceeds the {steps_per_epoch} steps of an epoch")
     one_step = _train_step_fn(graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding)
 
     def multi_step(state: TrainState, images: jax.Array, perms: jax.Array, first_epoch: jax.Array, base_key):

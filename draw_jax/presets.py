@@ -1,0 +1,26 @@
+"""Named configurations: ``build_config(preset=NAME)`` and ``--preset=NAME``.
+
+Each preset is a set of settings by flag name, applied on top of the
+defaults (which are the paper's MNIST setup); flags given on the command line
+apply on top of the preset. Train, benchmark, tests and the notebook all take
+their configurations from here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["PRESETS"]
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Gregor et al. 2015, sec. 4.2 and Table 3 (MNIST, attention): T=64,
+    # 256/256 LSTMs, z 100, read 2x2, write 5x5. The defaults are this preset.
+    "paper_attention": {},
+    # The same without attention (the paper's 87.40-nat row).
+    "paper_no_attention": {"read_attention": False, "write_attention": False},
+    # The popular blog ports' small setup (ericjang/draw: T=10, z=10).
+    "small_attention": {"T": 10, "z_size": 10},
+    "small_no_attention": {"T": 10, "z_size": 10, "read_attention": False, "write_attention": False},
+    # Seconds on a CPU: tests, the notebook's smoke run, the benchmark's self-test.
+    "tiny": {"T": 4, "enc_size": 32, "dec_size": 32, "z_size": 8, "read_n": 2, "write_n": 3},
+}

@@ -1,0 +1,212 @@
+"""Measuring the train step: compile time, FLOPs, and reference matmul rates.
+
+What ``experiments.benchmark`` prints is built from these; the tests check
+them (the FLOP count against a fully unrolled step, the gate-matmul count
+against its formula). Every rate is meant to be compared with a matmul timed
+in the same process: these machines drift by tens of percent within minutes.
+
+Notation (``draw_jax/__init__.py``): b = batch, T = glimpses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from draw_jax import train_step
+from draw_jax.config import DrawConfig, OptimConfig
+
+__all__ = [
+    "MatmulReference",
+    "compile_seconds",
+    "flops_per_step",
+    "gate_matmul_bound",
+    "matmul_flops_per_s",
+    "scan_matmul_seconds",
+    "time_calls",
+    "time_interleaved",
+    "xla_flops",
+]
+
+
+def time_calls(fn, n: int) -> np.ndarray:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return np.asarray(times)
+
+
+def matmul_flops_per_s(m: int, k: int, n: int, reps: int = 20) -> float:
+    """FLOP/s of a float32 [m, k] x [k, n] matmul (median over reps)."""
+    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+    f = jax.jit(jnp.matmul)
+    jax.block_until_ready(f(a, b))
+    times = time_calls(lambda: f(a, b), reps)
+    return 2.0 * m * k * n / float(np.median(times))
+
+
+class MatmulReference:
+    """Float32 matmul FLOP/s, sampled between the timed train-step calls.
+
+    On a shared machine the speed drifts by tens of percent within minutes, so
+    a reference measured once at the start can flatter or wrong the step. Each
+    ``sample()`` times one [size, size] x [size, size] matmul and ``reps``
+    matmuls shaped like the encoder's gate matmul right next to a timed call;
+    the rates are medians over those samples.
+    """
+
+    def __init__(self, size: int, shaped: tuple[int, int, int], reps: int = 50) -> None:
+        key = jax.random.key(0)
+        self._big = [jax.random.normal(key, (size, size), jnp.float32)] * 2
+        m, k, n = shaped
+        self._shaped = [jax.random.normal(key, (m, k)), jax.random.normal(key, (k, n))]
+        self._flops = (2.0 * size**3, 2.0 * m * k * n * reps)
+        self._reps = reps
+        self._mm = jax.jit(jnp.matmul)
+        jax.block_until_ready((self._mm(*self._big), self._mm(*self._shaped)))
+        self.big_samples: list[float] = []
+        self.shaped_samples: list[float] = []
+
+    def sample(self) -> None:
+        t0 = time.perf_counter()
+        jax.block_until_ready(self._mm(*self._big))
+        t1 = time.perf_counter()
+        for _ in range(self._reps):
+            out = self._mm(*self._shaped)
+        jax.block_until_ready(out)
+        t2 = time.perf_counter()
+        self.big_samples.append(self._flops[0] / (t1 - t0))
+        self.shaped_samples.append(self._flops[1] / (t2 - t1))
+
+    @property
+    def matmul(self) -> float:
+        return float(np.median(self.big_samples))
+
+    @property
+    def shaped(self) -> float:
+        return float(np.median(self.shaped_samples))
+
+
+def time_interleaved(fn, n: int, ref: MatmulReference) -> np.ndarray:
+    """Like ``time_calls``, with a reference sample after each timed call."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+        ref.sample()
+    return np.asarray(times)
+
+
+def _build_step(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
+    graphdef, params = train_step.init_model(cfg, seed=0)
+    optimizer = train_step.make_optimizer(OptimConfig())
+    state = train_step.create_train_state(params, optimizer)
+    step = train_step.make_train_step(
+        graphdef, optimizer, binary=True, binarize="none", jit=False, python_loop=python_loop
+    )
+    return state, step
+
+
+def compile_seconds(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
+    state, step = _build_step(cfg, batch_size, python_loop)
+    images = jnp.zeros((batch_size, *cfg.image_shape), jnp.uint8)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=0).lower(state, images, jax.random.key(0)).compile()
+    return time.perf_counter() - t0, compiled, state, images
+
+
+def scan_matmul_seconds(m: int, k: int, n: int, length: int, reps: int = 5) -> dict[str, float]:
+    """Seconds per product of the three matmuls of a [m, k] x [k, n] layer inside a scan.
+
+    The train step's gate matmuls run inside the T-step ``lax.scan``: forward
+    ``x @ W``, input gradient ``g @ W^T`` and weight gradient ``W += x^T g``.
+    Each form is timed alone in a scan of ``length`` trips over fresh [m, .]
+    inputs (the first two stack their outputs, as the scan does; the third
+    accumulates), median over ``reps`` calls. Together with the FLOP count
+    this estimates a floor under the step: the time its gate matmuls take,
+    compiled as XLA compiles the step's own, if nothing else took any.
+    """
+    key = jax.random.key(0)
+    w = jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)
+    xs = jax.random.normal(key, (length, m, k), jnp.float32)
+    gs = jax.random.normal(key, (length, m, n), jnp.float32)
+
+    def forward(w, xs):
+        return jax.lax.scan(lambda c, x: (c, x @ w), 0.0, xs)[1]
+
+    def input_grad(w, gs):
+        return jax.lax.scan(lambda c, g: (c, g @ w.T), 0.0, gs)[1]
+
+    def weight_grad(xs, gs):
+        return jax.lax.scan(lambda acc, xg: (acc + xg[0].T @ xg[1], None), jnp.zeros((k, n)), (xs, gs))[0]
+
+    out = {}
+    for name, f, args in (
+        ("forward", forward, (w, xs)),
+        ("input_grad", input_grad, (w, gs)),
+        ("weight_grad", weight_grad, (xs, gs)),
+    ):
+        compiled = jax.jit(f).lower(*args).compile()
+        jax.block_until_ready(compiled(*args))
+        out[name] = float(np.median(time_calls(lambda c=compiled, a=args: c(*a), reps))) / length
+    return out
+
+
+def gate_matmul_bound(cfg: DrawConfig, batch_size: int) -> dict:
+    """The step's LSTM gate matmuls measured alone (``scan_matmul_seconds``).
+
+    Returns the FLOP/s of each form for the encoder's shape, the gate
+    matmuls' FLOPs per step, and ``gate_matmul_ms_per_step``: the time both
+    LSTMs' forward, input-gradient and weight-gradient products take per
+    train step at those in-scan rates (an estimate of the floor under the
+    step time; in context XLA may run a product somewhat faster or slower).
+    """
+    shapes = {
+        "encoder": (batch_size, cfg.read_size + cfg.dec_size + cfg.enc_size, 4 * cfg.enc_size),
+        "decoder": (batch_size, cfg.z_size + cfg.dec_size, 4 * cfg.dec_size),
+    }
+    total_s, total_flops, rates = 0.0, 0.0, {}
+    for name, (m, k, n) in shapes.items():
+        seconds = scan_matmul_seconds(m, k, n, cfg.T)
+        flops = 2.0 * m * k * n
+        total_s += cfg.T * sum(seconds.values())
+        total_flops += 3 * cfg.T * flops
+        if name == "encoder":
+            rates = {form: flops / s for form, s in seconds.items()}
+    return {
+        "scan_gate_matmul_flops_per_s": rates,
+        "gate_matmul_flops_per_step": total_flops,
+        "gate_matmul_ms_per_step": total_s * 1e3,
+    }
+
+
+def xla_flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def flops_per_step(cfg: DrawConfig, batch_size: int) -> float:
+    """FLOPs of one train step from XLA's cost analysis.
+
+    XLA's HloCostAnalysis counts a while loop's body once, not once per trip,
+    so the scanned step under-reports by about a factor T. The step's FLOPs
+    are affine in T (identical steps), so we cost-analyse the Python-unrolled
+    step at T=3 and T=4 and extrapolate: flops(T) = f3 + (T - 3) * (f4 - f3).
+    (T=1 lets XLA simplify more away; the unrolled loop's stacking of per-step
+    outputs adds a little that grows with T, which the scan does not have, so
+    this is within a few percent of a fully unrolled count.)
+    """
+    f3, f4 = (
+        xla_flops(compile_seconds(dataclasses.replace(cfg, T=T), batch_size, python_loop=True)[1])
+        for T in (3, 4)
+    )
+    return f3 + (cfg.T - 3) * (f4 - f3)

@@ -1,0 +1,117 @@
+"""Configuration is declared once: flags, presets, derivations and checks all come from it."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+
+from draw_jax import config as config_lib
+from draw_jax.config import ConfigError, TrainConfig, build_config
+from draw_jax.presets import PRESETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_setting_is_a_train_flag_with_its_declared_default_and_help():
+    # One absl flag per dataclass field, same name, default and help: the
+    # dataclasses are the only place a setting is written.
+    from absl import flags
+
+    import experiments.train  # noqa: F401 - defines the flags
+
+    fields = {
+        f.name: f
+        for part in (
+            config_lib.DrawConfig,
+            config_lib.OptimConfig,
+            config_lib.DataConfig,
+            config_lib.RunConfig,
+        )
+        for f in dataclasses.fields(part)
+        if f.metadata["flag"]
+    }
+    assert len(fields) == len(config_lib.settings()) > 30
+    for name, field in fields.items():
+        assert flags.FLAGS[name].default == field.default, name
+        assert flags.FLAGS[name].help.endswith(field.metadata["help"]), name  # enums prefix their choices
+    assert {"attention", "preset", "workdir"} <= set(flags.FLAGS)
+    assert "height" not in flags.FLAGS  # derived from the data set, not typed
+
+
+def test_train_help_lists_every_flag_with_default():
+    out = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    for s in config_lib.settings():
+        assert f"--{s.name}" in out or f"--[no]{s.name}" in out, s.name
+    assert "(default: '64')" in out and "--preset" in out and "--[no]attention" in out
+
+
+def test_presets_apply_under_explicit_settings():
+    cfg = build_config("small_attention", z_size=7)
+    assert cfg.model.T == PRESETS["small_attention"]["T"] and cfg.model.z_size == 7
+    no_att = build_config("paper_no_attention")
+    assert not no_att.model.read_attention and not no_att.model.write_attention
+    mixed = build_config(attention=False, write_attention=True)  # the shorthand, then the override
+    assert not mixed.model.read_attention and mixed.model.write_attention
+    assert build_config() == build_config("paper_attention") == TrainConfig()
+    for name in PRESETS:
+        build_config(name)  # every preset builds
+
+
+def test_derivations_happen_in_the_config_not_the_command():
+    cfg = build_config("tiny", num_epochs=3, batch_size=64, lr_schedule="cosine")
+    resolved = cfg.resolve(num_train_images=1000)
+    assert resolved.run.num_steps == 3 * (1000 // 64)
+    assert resolved.optim.decay_steps == resolved.run.num_steps
+    previous = cfg.resolve(num_train_images=2000)
+    again = build_config("tiny", num_epochs=5, batch_size=64, lr_schedule="cosine").resolve(1000, previous)
+    assert again.optim.decay_steps == previous.optim.decay_steps  # a resumed run keeps its schedule
+    with pytest.raises(ConfigError, match=r"--batch_size=64 is larger than the training split \(10 images\)"):
+        cfg.resolve(num_train_images=10)
+    assert build_config(dataset="mnist").data.binarize == "dynamic"
+    assert build_config(dataset="mnist").data.eval_split == "valid"
+    assert build_config(eval_split="validation").data.eval_split == "valid"
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        ({"T": 0}, "--T must be a positive integer"),
+        ({"read_n": 0}, "--read_n (glimpse size) must be a positive integer"),
+        ({"compute_dtype": "float16"}, "--compute_dtype must be one of float32, bfloat16"),
+        ({"adam_b1": 1.0}, "--adam_b1 must be in [0, 1)"),
+        ({"dataset": "cifar"}, "--dataset must be one of binarized_mnist, mnist"),
+        ({"binarize": "dynamic"}, "does not apply to binarized_mnist"),
+        ({"eval_split": "train"}, "--eval_split must be a held-out split"),
+        ({"steps_per_call": 0}, "--steps_per_call must be a positive integer"),
+        ({"num_epochs": 2, "num_steps": 10}, "give one run length"),
+        ({"no_such": 1}, "unknown setting(s) no_such"),
+        ({"data_dir": "/nonexistent"}, "--data_dir=/nonexistent is not a directory"),
+    ],
+)
+def test_each_bad_setting_raises_one_config_error_naming_its_flag(settings, message):
+    with pytest.raises(ConfigError) as e:
+        build_config(**settings)
+    assert message in str(e.value)
+
+
+def test_config_json_round_trips():
+    cfg = build_config("small_no_attention", learning_rate=3e-3).resolve(500)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="does not match this version"):
+        TrainConfig.from_dict({"model": {"T": 3}})
+
+
+def test_steps_per_call_divides_every_interval_and_fits_an_epoch():
+    run = build_config(steps_per_call=10, log_every=25, checkpoint_every=100, eval_every=0).run
+    assert run.steps_per_call_for(steps_per_epoch=500) == 5
+    assert run.steps_per_call_for(steps_per_epoch=4) == 1
