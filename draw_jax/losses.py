@@ -1,6 +1,6 @@
 """The variational bound DRAW is trained on and reports (Gregor et al. 2015, eq. 9-12).
 
-Notation: b = batch, t = step (T steps), z = latent size.
+Notation (``draw_jax/__init__.py``): b = batch, t = step (T steps), z = latent size.
 
   L^x = -log D(x | c_T)                   Bernoulli, D = sigmoid(c_T)   (eq. 9)
   L^z = sum_t KL(Q(Z_t | h^enc_t) || N(0, I))

@@ -3,7 +3,7 @@
 Pillow draws and encodes (PNG, GIF); this module only arranges pixels.
 Inputs are float arrays of pixel means in [0, 1] (apply sigmoid to canvases first).
 
-Notation: N = images, T = steps, h, w, c = image shape.
+Notation (``draw_jax/__init__.py``): m = images, T = steps, h, w, c = image shape.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ __all__ = ["grid", "canvas_strip", "frames_with_boxes", "save_png", "save_gif", 
 
 
 def _to_uint8_rgb(images: np.ndarray) -> np.ndarray:
-    """[N, h, w, c] in [0, 1] -> uint8 [N, h, w, 3]."""
+    """[m, h, w, c] in [0, 1] -> uint8 [m, h, w, 3]."""
     images = np.clip(np.asarray(images, np.float32), 0.0, 1.0)
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
@@ -26,7 +26,7 @@ def _to_uint8_rgb(images: np.ndarray) -> np.ndarray:
 
 
 def grid(images: np.ndarray, ncols: int | None = None, pad: int = 1) -> np.ndarray:
-    """Tiles images [N, h, w, c] into one uint8 picture [H, W, 3] (row-major)."""
+    """Tiles images [m, h, w, c] into one uint8 picture [H, W, 3] (row-major)."""
     images = _to_uint8_rgb(images)
     n, h, w, _ = images.shape
     ncols = ncols or int(np.ceil(np.sqrt(n)))
@@ -44,12 +44,12 @@ def canvas_strip(canvases: np.ndarray, num_frames: int = 10) -> np.ndarray:
     """The paper's figure: rows are examples, columns sigmoid(c_t) at evenly spaced t.
 
     Args:
-      canvases: [T, N, h, w, c] pixel means.
+      canvases: [T, m, h, w, c] pixel means.
       num_frames: columns; the last is always t = T.
     """
     T = canvases.shape[0]
     ts = np.unique(np.linspace(0, T - 1, min(num_frames, T)).round().astype(int))
-    chosen = canvases[ts]  # [F, N, h, w, c]
+    chosen = canvases[ts]  # [F, m, h, w, c]
     rows = np.transpose(chosen, (1, 0, 2, 3, 4)).reshape(-1, *canvases.shape[2:])
     return grid(rows, ncols=len(ts))
 
@@ -71,8 +71,8 @@ def frames_with_boxes(
     """One picture per step: a grid of examples, each with its attention box drawn.
 
     Args:
-      frames: [T, N, h, w, c] pixel means.
-      windows: per step t, (gx [N], gy [N], delta [N]) in pixels, or None for no boxes.
+      frames: [T, m, h, w, c] pixel means.
+      windows: per step t, (gx [m], gy [m], delta [m]) in pixels, or None for no boxes.
       n: glimpse size of the window.
       scale: nearest-neighbour upscaling so boxes are visible.
       ncols: examples per row of each picture.
@@ -80,8 +80,8 @@ def frames_with_boxes(
     Returns:
       T uint8 pictures [H, W, 3].
     """
-    T, N, h, w, _ = frames.shape
-    ncols = ncols or int(np.ceil(np.sqrt(N)))
+    T, m, h, w, _ = frames.shape
+    ncols = ncols or int(np.ceil(np.sqrt(m)))
     pad = 1
     out = []
     for t in range(T):
@@ -90,7 +90,7 @@ def frames_with_boxes(
         if windows is not None:
             draw = ImageDraw.Draw(pic)
             gx, gy, delta = (np.asarray(a) for a in windows[t])
-            for i in range(N):
+            for i in range(m):
                 r, c = divmod(i, ncols)
                 ox, oy = pad + c * (w * scale + pad), pad + r * (h * scale + pad)
                 x0, y0, x1, y1 = window_box(float(gx[i]), float(gy[i]), float(delta[i]), n)

@@ -5,7 +5,8 @@ them (the FLOP count against a fully unrolled step, the gate-matmul count
 against its formula). Every rate is meant to be compared with a matmul timed
 in the same process: these machines drift by tens of percent within minutes.
 
-Notation (``draw_jax/__init__.py``): b = batch, T = glimpses.
+Notation (``draw_jax/__init__.py``): b = batch, T = glimpses. A matmul's
+shape is written [rows, inner] x [inner, cols], so as not to reuse m, k, n.
 """
 
 from __future__ import annotations
@@ -33,23 +34,23 @@ __all__ = [
 ]
 
 
-def time_calls(fn, n: int) -> np.ndarray:
+def time_calls(fn, calls: int) -> np.ndarray:
     times = []
-    for _ in range(n):
+    for _ in range(calls):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
     return np.asarray(times)
 
 
-def matmul_flops_per_s(m: int, k: int, n: int, reps: int = 20) -> float:
-    """FLOP/s of a float32 [m, k] x [k, n] matmul (median over reps)."""
-    a = jax.random.normal(jax.random.key(0), (m, k), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (k, n), jnp.float32)
+def matmul_flops_per_s(rows: int, inner: int, cols: int, reps: int = 20) -> float:
+    """FLOP/s of a float32 [rows, inner] x [inner, cols] matmul (median over reps)."""
+    a = jax.random.normal(jax.random.key(0), (rows, inner), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (inner, cols), jnp.float32)
     f = jax.jit(jnp.matmul)
     jax.block_until_ready(f(a, b))
     times = time_calls(lambda: f(a, b), reps)
-    return 2.0 * m * k * n / float(np.median(times))
+    return 2.0 * rows * inner * cols / float(np.median(times))
 
 
 class MatmulReference:
@@ -65,9 +66,9 @@ class MatmulReference:
     def __init__(self, size: int, shaped: tuple[int, int, int], reps: int = 50) -> None:
         key = jax.random.key(0)
         self._big = [jax.random.normal(key, (size, size), jnp.float32)] * 2
-        m, k, n = shaped
-        self._shaped = [jax.random.normal(key, (m, k)), jax.random.normal(key, (k, n))]
-        self._flops = (2.0 * size**3, 2.0 * m * k * n * reps)
+        rows, inner, cols = shaped
+        self._shaped = [jax.random.normal(key, (rows, inner)), jax.random.normal(key, (inner, cols))]
+        self._flops = (2.0 * size**3, 2.0 * rows * inner * cols * reps)
         self._reps = reps
         self._mm = jax.jit(jnp.matmul)
         jax.block_until_ready((self._mm(*self._big), self._mm(*self._shaped)))
@@ -94,10 +95,10 @@ class MatmulReference:
         return float(np.median(self.shaped_samples))
 
 
-def time_interleaved(fn, n: int, ref: MatmulReference) -> np.ndarray:
+def time_interleaved(fn, calls: int, ref: MatmulReference) -> np.ndarray:
     """Like ``time_calls``, with a reference sample after each timed call."""
     times = []
-    for _ in range(n):
+    for _ in range(calls):
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - t0)
@@ -123,21 +124,21 @@ def compile_seconds(cfg: DrawConfig, batch_size: int, python_loop: bool = False)
     return time.perf_counter() - t0, compiled, state, images
 
 
-def scan_matmul_seconds(m: int, k: int, n: int, length: int, reps: int = 5) -> dict[str, float]:
-    """Seconds per product of the three matmuls of a [m, k] x [k, n] layer inside a scan.
+def scan_matmul_seconds(rows: int, inner: int, cols: int, length: int, reps: int = 5) -> dict[str, float]:
+    """Seconds per product of the three matmuls of a [rows, inner] x [inner, cols] layer inside a scan.
 
     The train step's gate matmuls run inside the T-step ``lax.scan``: forward
     ``x @ W``, input gradient ``g @ W^T`` and weight gradient ``W += x^T g``.
-    Each form is timed alone in a scan of ``length`` trips over fresh [m, .]
+    Each form is timed alone in a scan of ``length`` trips over fresh [rows, .]
     inputs (the first two stack their outputs, as the scan does; the third
     accumulates), median over ``reps`` calls. Together with the FLOP count
     this estimates a floor under the step: the time its gate matmuls take,
     compiled as XLA compiles the step's own, if nothing else took any.
     """
     key = jax.random.key(0)
-    w = jax.random.normal(key, (k, n), jnp.float32) / np.sqrt(k)
-    xs = jax.random.normal(key, (length, m, k), jnp.float32)
-    gs = jax.random.normal(key, (length, m, n), jnp.float32)
+    w = jax.random.normal(key, (inner, cols), jnp.float32) / np.sqrt(inner)
+    xs = jax.random.normal(key, (length, rows, inner), jnp.float32)
+    gs = jax.random.normal(key, (length, rows, cols), jnp.float32)
 
     def forward(w, xs):
         return jax.lax.scan(lambda c, x: (c, x @ w), 0.0, xs)[1]
@@ -146,7 +147,9 @@ def scan_matmul_seconds(m: int, k: int, n: int, length: int, reps: int = 5) -> d
         return jax.lax.scan(lambda c, g: (c, g @ w.T), 0.0, gs)[1]
 
     def weight_grad(xs, gs):
-        return jax.lax.scan(lambda acc, xg: (acc + xg[0].T @ xg[1], None), jnp.zeros((k, n)), (xs, gs))[0]
+        return jax.lax.scan(
+            lambda acc, xg: (acc + xg[0].T @ xg[1], None), jnp.zeros((inner, cols)), (xs, gs)
+        )[0]
 
     out = {}
     for name, f, args in (
@@ -174,9 +177,9 @@ def gate_matmul_bound(cfg: DrawConfig, batch_size: int) -> dict:
         "decoder": (batch_size, cfg.z_size + cfg.dec_size, 4 * cfg.dec_size),
     }
     total_s, total_flops, rates = 0.0, 0.0, {}
-    for name, (m, k, n) in shapes.items():
-        seconds = scan_matmul_seconds(m, k, n, cfg.T)
-        flops = 2.0 * m * k * n
+    for name, (rows, inner, cols) in shapes.items():
+        seconds = scan_matmul_seconds(rows, inner, cols, cfg.T)
+        flops = 2.0 * rows * inner * cols
         total_s += cfg.T * sum(seconds.values())
         total_flops += 3 * cfg.T * flops
         if name == "encoder":

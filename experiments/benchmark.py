@@ -89,9 +89,9 @@ def _device_step_seconds(
     The training split on the device, k steps per compiled call
     (``train_step.make_device_train_step``); ``steps`` is rounded up to whole calls.
     """
-    n = 50 * batch_size
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 2, (n, *cfg.image_shape)), jnp.uint8)
-    perms = jnp.stack([feeding.device_epoch_permutation(0, e, n) for e in (0, 1)])
+    m = 50 * batch_size
+    images = jnp.asarray(np.random.default_rng(0).integers(0, 2, (m, *cfg.image_shape)), jnp.uint8)
+    perms = jnp.stack([feeding.device_epoch_permutation(0, e, m) for e in (0, 1)])
     graphdef, _ = train_step.init_model(cfg, seed=0)
     multi = train_step.make_device_train_step(
         graphdef,
@@ -99,7 +99,7 @@ def _device_step_seconds(
         binary=True,
         binarize="none",
         batch_size=batch_size,
-        steps_per_epoch=n // batch_size,
+        steps_per_epoch=m // batch_size,
         steps_per_call=k,
     )
     args = (images, perms, jnp.int32(0), jax.random.key(0))
@@ -111,7 +111,7 @@ def _device_step_seconds(
     def call():
         holder["state"], metrics = compiled(holder["state"], *args)
         # Stay within the two epochs of ``perms``.
-        holder["state"] = holder["state"].replace(step=holder["state"].step % (n // batch_size))
+        holder["state"] = holder["state"].replace(step=holder["state"].step % (m // batch_size))
         return metrics["bound"]
 
     profiling.time_calls(call, max(1, -(-warmup // k)))
@@ -175,14 +175,14 @@ def data_pipeline_images_per_s(batch_size: int, seconds: float = 1.0) -> dict:
     """Host pipeline (shuffle + gather + host->device copy) on MNIST-sized arrays."""
     images = np.random.default_rng(0).integers(0, 2, (50_000, 28, 28, 1), dtype=np.uint8)
     it = feeding.train_batches(images, batch_size, seed=0)
-    n, t0 = 0, time.perf_counter()
+    seen, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         jax.block_until_ready(jax.device_put(next(it)))
-        n += batch_size
+        seen += batch_size
     return {
         "name": "data_pipeline_host",
         "batch_size": batch_size,
-        "images_per_s": n / (time.perf_counter() - t0),
+        "images_per_s": seen / (time.perf_counter() - t0),
     }
 
 
@@ -207,12 +207,12 @@ def main(argv: list[str]) -> None:
         raise cli.ConfigError(f"--configs: unknown {unknown}; choose from {', '.join(PRESETS)}")
     if FLAGS.steps < 1 or FLAGS.batch_size < 1 or FLAGS.steps_per_call < 1:
         raise cli.ConfigError("--steps, --batch_size and --steps_per_call must be >= 1")
-    configs = {n: build_config(n, compute_dtype=FLAGS.compute_dtype).model for n in FLAGS.configs}
+    configs = {name: build_config(name, compute_dtype=FLAGS.compute_dtype).model for name in FLAGS.configs}
     b = FLAGS.batch_size
     m = FLAGS.matmul_size
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}; "
           f"{m}^3 float32 matmul: {matmul_flops_per_s(m, m, m) / 1e9:.1f} GFLOP/s (at start)")  # fmt: skip
-    records = [benchmark_config(n, cfg, b, FLAGS.steps, FLAGS.warmup) for n, cfg in configs.items()]
+    records = [benchmark_config(name, cfg, b, FLAGS.steps, FLAGS.warmup) for name, cfg in configs.items()]
     _print_table(records)
     if FLAGS.compile_sweep:
         base = configs.get("paper_attention", next(iter(configs.values())))
