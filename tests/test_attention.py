@@ -161,8 +161,17 @@ def test_colour_reads_each_channel_through_the_same_window():
     np.testing.assert_allclose(rc, per_channel, rtol=1e-5, atol=1e-6)
 
 
+def _enable_x64():
+    """jax.enable_x64 (newer JAX), or jax.experimental.enable_x64 (the oldest JAX we support)."""
+    if hasattr(jax, "enable_x64"):
+        return jax.enable_x64(True)
+    from jax.experimental import enable_x64
+
+    return enable_x64(True)
+
+
 def _finite_difference_check(f, params, eps=1e-4):
-    with jax.enable_x64(True):
+    with _enable_x64():
         f = jax.jit(f)
         params = params.astype(jnp.float64)
         grad = np.asarray(jax.grad(f)(params))

@@ -59,15 +59,15 @@ def test_scan_equals_python_unrolled_loop(name):
 
 
 def _count_eqns(jaxpr) -> int:
+    """Equations of a jaxpr and of every jaxpr nested in its equations' parameters."""
     total = 0
     for eqn in jaxpr.eqns:
         total += 1
-        for sub in jax.core.subjaxprs(eqn) if hasattr(jax.core, "subjaxprs") else ():
-            total += _count_eqns(sub)
-        for p in eqn.params.values():
-            inner = getattr(p, "jaxpr", None)
-            if inner is not None and hasattr(inner, "eqns"):
-                total += _count_eqns(inner)
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    total += _count_eqns(inner)
     return total
 
 
