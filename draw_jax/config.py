@@ -219,6 +219,11 @@ class RunConfig:
     eval_every: int = setting(5_000, "Steps between held-out evaluations (0 = at the end only).")
     checkpoint_every: int = setting(1_000, "Steps between checkpoints (0 = at the end only).")
     keep_checkpoints: int = setting(3, "Checkpoints kept.")
+    init_from: str | None = setting(
+        None,
+        "Start from a released pretrained model's parameters (a name such as binarized_mnist_attention, "
+        "or a .npz path) instead of random ones; the model settings default to its own. Fresh optimiser.",
+    )
     eval_examples: int = setting(0, "Held-out images used by the periodic evaluation (0 = all).")
     steps_per_call: int = setting(
         10,
@@ -259,6 +264,15 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
+        """The config a ``to_dict`` wrote, also from draw_jax 0.1's config.json.
+
+        0.1 called ``model.compute_dtype`` ``model.dtype`` and had no
+        ``run.num_epochs``; their workdirs still load, evaluate and resume.
+        """
+        d = {part: dict(values) for part, values in d.items()}
+        model = d.get("model", {})
+        if "dtype" in model and "compute_dtype" not in model:
+            model["compute_dtype"] = model.pop("dtype")
         try:
             return cls(**{part: klass(**d[part]) for part, klass in _PARTS.items()})
         except (KeyError, TypeError) as e:
@@ -383,6 +397,31 @@ def build_config(preset: str | None = None, **values: Any) -> TrainConfig:
     data = DataConfig(**parts["data"])
     height, width, channels = data_lib.DATASETS[data.dataset].image_shape
     model = DrawConfig(height=height, width=width, channels=channels, **parts["model"])
+    if chosen.get("init_from") is not None:
+        model = _model_of_released(chosen["init_from"], model, given={**values, **parts["model"]})
     return TrainConfig(
         model=model, optim=OptimConfig(**parts["optim"]), data=data, run=RunConfig(**parts["run"])
     )
+
+
+def _model_of_released(name: str, model: DrawConfig, given: Mapping[str, Any]) -> DrawConfig:
+    """The model of ``--init_from=name``; model flags given must agree with it."""
+    from draw_jax import pretrained  # imports this module
+
+    released = pretrained.load_card(name).config.model
+    clashes = [
+        f"--{k}={given[k]!r} (it has {getattr(released, k)!r})"
+        for k in sorted(given)
+        if hasattr(released, k) and k not in _NOT_PARAMETERS and given[k] != getattr(released, k)
+    ]
+    if clashes:
+        raise ConfigError(f"--init_from={name} is a different model: {', '.join(clashes)}")
+    if released.image_shape != model.image_shape:
+        raise ConfigError(
+            f"--init_from={name} is a model of {released.image_shape} images; the data set has {model.image_shape}"
+        )
+    return dataclasses.replace(released, compute_dtype=model.compute_dtype)
+
+
+# Model settings that do not shape the parameters (an --init_from model takes any).
+_NOT_PARAMETERS = ("height", "width", "channels", "compute_dtype")

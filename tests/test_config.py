@@ -115,3 +115,11 @@ def test_steps_per_call_divides_every_interval_and_fits_an_epoch():
     run = build_config(steps_per_call=10, log_every=25, checkpoint_every=100, eval_every=0).run
     assert run.steps_per_call_for(steps_per_epoch=500) == 5
     assert run.steps_per_call_for(steps_per_epoch=4) == 1
+
+
+def test_a_version_0_1_config_json_still_loads():
+    cfg = build_config(compute_dtype="bfloat16").resolve(500)
+    old = cfg.to_dict()
+    old["model"]["dtype"] = old["model"].pop("compute_dtype")  # 0.1's name for it
+    del old["run"]["num_epochs"]  # 0.1 had no such setting
+    assert TrainConfig.from_dict(old) == cfg
