@@ -26,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from draw_jax import data as data_lib
-from draw_jax import feeding, pictures, train_step
+from draw_jax import feeding, pictures, pretrained, train_step
 from draw_jax import workdir as workdir_lib
 from draw_jax.checkpoint import Checkpointer
 from draw_jax.config import ConfigError, TrainConfig
@@ -100,6 +100,12 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
         if checkpoints.latest_step() is not None:
             state = checkpoints.restore(state)
             logging.info("resumed from %s at step %d", checkpoints.directory, int(state.step))
+        elif run.init_from is not None:
+            released = pretrained.load(run.init_from)
+            state = train_step.create_train_state(released.params, optimizer)
+            logging.info(
+                "starting from the released model %s (trained %d steps)", run.init_from, released.step
+            )
         if is_chief:
             workdir_lib.save_config(cfg, workdir)
         state = jax.device_put(state, parallel.replicated)

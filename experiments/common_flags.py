@@ -7,11 +7,20 @@ import dataclasses
 from absl import flags
 
 from draw_jax import data as data_lib
+from draw_jax import pretrained
 from draw_jax.config import DataConfig, TrainConfig
+from draw_jax.workdir import Trained, load_trained
 from experiments import cli
 
-flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).", required=True)
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/); or --pretrained.")
+flags.DEFINE_string(
+    "pretrained",
+    None,
+    "Instead of --workdir: a released model, by name ("
+    + ", ".join(pretrained.available())
+    + ") or .npz path.",
+)
+flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
 flags.DEFINE_string("split", "valid", "Split to use: valid or test.")
 flags.DEFINE_integer("seed", 0, "Seed of every random draw; results are deterministic given it.")
 DATA_SETTINGS = cli.define_config_flags(
@@ -20,6 +29,19 @@ DATA_SETTINGS = cli.define_config_flags(
 flags.adopt_module_key_flags(cli)
 
 FLAGS = flags.FLAGS
+
+
+def load_model() -> tuple[Trained, str]:
+    """The model of --workdir (at --step) or of --pretrained, and a name for it in messages."""
+    if (FLAGS.workdir is None) == (FLAGS.pretrained is None):
+        raise cli.ConfigError(
+            "give exactly one of --workdir (a training run) and --pretrained (a released model)"
+        )
+    if FLAGS.pretrained is not None:
+        if FLAGS.step is not None:
+            raise cli.ConfigError("--step picks a checkpoint of --workdir; a --pretrained model has one")
+        return pretrained.load(FLAGS.pretrained), f"pretrained {FLAGS.pretrained}"
+    return load_trained(FLAGS.workdir, FLAGS.step), FLAGS.workdir
 
 
 def data_config(config: TrainConfig) -> DataConfig:

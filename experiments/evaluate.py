@@ -1,7 +1,9 @@
 """Evaluates a trained DRAW on a whole split: the bound and an importance-weighted NLL.
 
 ``python -m experiments.evaluate --workdir=W --split=test [--num_importance_samples=100]``
-prints a table and writes ``<workdir>/eval_<split>_step<N>_k<K>.json``.
+prints a table and writes ``<workdir>/eval_<split>_step<N>_k<K>.json``. With
+``--pretrained=NAME`` instead of ``--workdir`` it evaluates a released model
+(``--data_dir`` for local files) and writes JSON only where ``--output`` says.
 """
 
 from __future__ import annotations
@@ -13,12 +15,11 @@ from absl import app, flags
 
 from draw_jax.evaluation import SplitEvaluator
 from draw_jax.metrics import write_json
-from draw_jax.workdir import load_trained
 from experiments import cli, common_flags
 
 flags.DEFINE_integer("num_importance_samples", 10, "k for the IWAE estimate (1 = the bound, in expectation).")
 flags.DEFINE_integer("batch_size", 100, "Images per evaluation batch.")
-flags.DEFINE_string("output", None, "JSON path (default: in the workdir).")
+flags.DEFINE_string("output", None, "JSON path (default: in the workdir; none for --pretrained).")
 
 flags.adopt_module_key_flags(common_flags)  # its flags show in --help
 
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> None:
         raise cli.ConfigError(f"--num_importance_samples must be >= 1, got {FLAGS.num_importance_samples}")
     if FLAGS.batch_size < 1:
         raise cli.ConfigError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
-    trained = load_trained(FLAGS.workdir, FLAGS.step)
+    trained, source = common_flags.load_model()
     split, data_cfg = common_flags.load_data(trained.config)
     evaluator = SplitEvaluator(
         trained.graphdef,
@@ -44,7 +45,7 @@ def main(argv: list[str]) -> None:
     )
     res = evaluator(trained.params, split.images, seed=FLAGS.seed)
     k = res.num_importance_samples
-    print(f"DRAW {FLAGS.workdir} step {trained.step} on {split.name}/{split.split} ({res.num_images} images)")
+    print(f"DRAW {source} step {trained.step} on {split.name}/{split.split} ({res.num_images} images)")
     if data_cfg.binary_targets:
         bound_label, iwae_label = "variational bound (nats)", f"IWAE estimate of -log p(x), k={k}"
     else:  # a Bernoulli loss on grey levels is a cross-entropy, not a likelihood
@@ -54,8 +55,13 @@ def main(argv: list[str]) -> None:
     print(f"  {'  reconstruction':<44}{res.recon:10.2f}")
     print(f"  {'  KL':<44}{res.kl:10.2f}")
     print(f"  {iwae_label:<44}{res.iwae:10.2f}")
-    path = FLAGS.output or os.path.join(FLAGS.workdir, f"eval_{split.split}_step{trained.step}_k{k}.json")
+    path = FLAGS.output
+    if path is None and FLAGS.workdir is not None:
+        path = os.path.join(FLAGS.workdir, f"eval_{split.split}_step{trained.step}_k{k}.json")
+    if path is None:
+        return
     payload = {
+        "model": source,
         "step": trained.step,
         "dataset": split.name,
         "split": split.split,

@@ -1,0 +1,230 @@
+"""Released trained models, loadable by name: ``load("binarized_mnist_attention")``.
+
+A released model is two files in ``draw_jax/pretrained/``:
+
+* ``<name>.npz`` — the parameters only, float32, ``numpy.savez_compressed``;
+  one array per parameter, keyed by its path in the model's parameter tree.
+* ``<name>.json`` — its card: the ``TrainConfig`` it was trained with, the
+  step, the recipe's command, the measured valid bound, and the SHA-256 of
+  the ``.npz``. Loading verifies the checksum before reading a byte of the
+  parameters, so a corrupted or truncated file is refused with its name.
+
+``experiments.export_pretrained`` writes both from a training workdir;
+``experiments.sample`` / ``experiments.evaluate`` take ``--pretrained=NAME``
+and ``experiments.train`` ``--init_from=NAME``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import zipfile
+from typing import Any
+
+import jax
+import numpy as np
+
+from draw_jax import train_step
+from draw_jax.config import ConfigError, TrainConfig
+from draw_jax.workdir import Trained
+
+__all__ = [
+    "FORMAT_VERSION",
+    "PRETRAINED_DIR",
+    "Card",
+    "PretrainedError",
+    "available",
+    "load",
+    "load_card",
+    "resolve",
+    "save",
+]
+
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+FORMAT_VERSION = 1
+
+
+class PretrainedError(ConfigError):
+    """A released model that is unknown, missing, corrupted or does not match its card."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """What a released model is and how well it does.
+
+    Attributes:
+      name: the name it is loaded by.
+      config: the run's ``TrainConfig`` (data paths removed).
+      step: training steps taken.
+      sha256: of the ``.npz``.
+      valid_bound: variational bound (nats) on the whole valid split, seed 0.
+      slice_bound: the same on the first ``slice_size`` valid images (what the tests re-measure).
+      slice_size: images in that slice.
+      notes: recipe, command, machine, wall-clock: free text for people.
+    """
+
+    name: str
+    config: TrainConfig
+    step: int
+    sha256: str
+    valid_bound: float
+    slice_bound: float
+    slice_size: int
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Card:
+        d = dict(d)
+        d["config"] = TrainConfig.from_dict(d["config"])
+        return cls(**d)
+
+
+def available() -> list[str]:
+    """Names of the released models present in this installation."""
+    if not os.path.isdir(PRETRAINED_DIR):
+        return []
+    return sorted(f[: -len(".json")] for f in os.listdir(PRETRAINED_DIR) if f.endswith(".json"))
+
+
+def resolve(name_or_path: str) -> tuple[str, str]:
+    """(card path, npz path) of a released model's name, or of a path to either of its files."""
+    if os.sep in name_or_path or name_or_path.endswith((".npz", ".json")):
+        stem = name_or_path.removesuffix(".npz").removesuffix(".json")
+    else:
+        stem = os.path.join(PRETRAINED_DIR, name_or_path)
+        if not os.path.isfile(stem + ".json"):
+            have = ", ".join(available()) or "none"
+            raise PretrainedError(f"no released model named {name_or_path!r} (available: {have})")
+    return stem + ".json", stem + ".npz"
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_card(name_or_path: str) -> Card:
+    """The card of a released model.
+
+    Raises:
+      PretrainedError: unknown name, missing or malformed card (naming the file).
+    """
+    card_path, _ = resolve(name_or_path)
+    if not os.path.isfile(card_path):
+        raise PretrainedError(f"{card_path} not found")
+    try:
+        with open(card_path) as f:
+            return Card.from_dict(json.load(f))
+    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+        raise PretrainedError(f"{card_path} is not a draw_jax model card: {e}") from e
+
+
+def _flat(params: train_step.Params) -> tuple[dict[str, Any], Any]:
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}, treedef
+
+
+def load(name_or_path: str) -> Trained:
+    """A released model's config, graph and parameters, checksum verified.
+
+    Args:
+      name_or_path: a name from ``available()``, or the path of a ``.npz`` /
+        ``.json`` pair written by ``save``.
+
+    Raises:
+      PretrainedError: unknown name, missing file, checksum mismatch (corrupted
+        or truncated), or parameters that do not fit the card's model; each
+        naming the file at fault.
+    """
+    card = load_card(name_or_path)
+    _, npz_path = resolve(name_or_path)
+    if not os.path.isfile(npz_path):
+        raise PretrainedError(f"{npz_path} not found (its card is there, its parameters are not)")
+    digest = _sha256(npz_path)
+    if digest != card.sha256:
+        raise PretrainedError(
+            f"{npz_path} is corrupted or truncated: SHA-256 {digest[:12]}... does not match its card's "
+            f"{card.sha256[:12]}...; fetch the file again (git checkout / reinstall)"
+        )
+    graphdef, like = train_step.init_model(card.config.model, seed=0)
+    want, treedef = _flat(like)
+    try:
+        with np.load(npz_path, allow_pickle=False) as stored:
+            got = {k: stored[k] for k in stored.files}
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise PretrainedError(f"{npz_path} is not a readable .npz: {e}") from e
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise PretrainedError(
+            f"{npz_path} does not fit its card's model: missing {missing}, unexpected {extra}"
+        )
+    leaves = []
+    for key, ref in want.items():
+        if got[key].shape != ref.shape or got[key].dtype != np.float32:
+            raise PretrainedError(
+                f"{npz_path}: parameter {key} is {got[key].dtype}{list(got[key].shape)}, "
+                f"the model wants float32{list(ref.shape)}"
+            )
+        leaves.append(jax.numpy.asarray(got[key]))
+    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    return Trained(config=card.config, graphdef=graphdef, params=params, step=card.step)
+
+
+def save(
+    trained: Trained,
+    path_stem: str,
+    *,
+    name: str,
+    valid_bound: float,
+    slice_bound: float,
+    slice_size: int,
+    notes: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Card:
+    """Writes ``<path_stem>.npz`` (float32 parameters) and ``<path_stem>.json`` (its card).
+
+    Data paths are dropped from the config (they were the trainer's machine's).
+
+    Raises:
+      PretrainedError: the files exist and ``overwrite`` is False.
+    """
+    card_path, npz_path = path_stem + ".json", path_stem + ".npz"
+    for path in (card_path, npz_path):
+        if os.path.exists(path) and not overwrite:
+            raise PretrainedError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
+    flat, _ = _flat(trained.params)
+    arrays = {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
+    tmp = npz_path + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, npz_path)
+    config = trained.config
+    config = dataclasses.replace(
+        config, data=dataclasses.replace(config.data, data_dir=None, tfds_data_dir=None)
+    )
+    card = Card(
+        name=name,
+        config=config,
+        step=trained.step,
+        sha256=_sha256(npz_path),
+        valid_bound=float(valid_bound),
+        slice_bound=float(slice_bound),
+        slice_size=int(slice_size),
+        notes=dict(notes or {}),
+    )
+    with open(card_path + ".tmp", "w") as f:
+        json.dump(card.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(card_path + ".tmp", card_path)
+    return card
