@@ -38,7 +38,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["WINDOW_FIELDS", "Window", "filterbank", "read", "window_from_params", "write"]
+__all__ = ["WINDOW_FIELDS", "Window", "filterbank", "read", "tiling_params", "window_from_params", "write"]
 
 # The array fields of a window, in the order a linear layer emits their parameters.
 WINDOW_FIELDS = ("gx", "gy", "sigma2", "delta", "gamma")
@@ -268,3 +268,27 @@ def _write_channels_first(patches: jax.Array, fx: jax.Array, fy: jax.Array) -> j
     """[b, c, n, n] patches, fx [b, n, w], fy [b, n, h] -> [b, c, h, w] = Fy^T · p · Fx."""
     tmp = jnp.einsum("bcnm,bmw->bcnw", patches, fx)
     return jnp.einsum("bnh,bcnw->bchw", fy, tmp)
+
+
+def tiling_params(*, n: int, height: int, width: int, unit_write_gain: bool = False) -> jax.Array:
+    """[5] window parameters (as ``window_from_params`` takes them) whose n x n grid tiles the whole image.
+
+    A good initial bias for a layer that emits window parameters (DRAW's read
+    and write, the cluttered-MNIST classifier's glimpse): the stride is max(h, w) / n
+    (filters at the centres of n equal cells) and sigma half a stride. With
+    zero biases instead, a 2 x 2 read grid starts on the image corners with
+    sigma = 1 pixel; on MNIST it then reads blank pixels, the KL collapses to 0
+    and attention gets no gradient (see BUILD_NOTES.md).
+
+    gamma is 1 for a read. For a write (``unit_write_gain``), gamma starts at
+    1 / (2 pi sigma^2): normalised filters spread a patch value over about
+    2 pi sigma^2 pixels, and eq. 29 divides by gamma, so a unit patch value
+    then changes the canvas by about one logit at its centre rather than by
+    1 / (2 pi sigma^2) (which left the canvas almost still for hundreds of steps).
+    """
+    size = max(height, width)
+    stride = size / n
+    delta_tilde = stride * max(n - 1, 1) / (size - 1)  # inverts eq. 24
+    sigma2 = (stride / 2) ** 2
+    log_gamma = -float(jnp.log(2 * jnp.pi * sigma2)) if unit_write_gain else 0.0
+    return jnp.array([0.0, 0.0, jnp.log(sigma2), jnp.log(delta_tilde), log_gamma], jnp.float32)

@@ -101,12 +101,14 @@ class Dataset:
       images: uint8 [m, h, w, c].
       binary: True when values are 0/1 (binarized MNIST), False for 0..255 grey.
       name, split: where it came from (for messages).
+      labels: int32 [m] class labels where the data set has them (mnist), else None.
     """
 
     images: np.ndarray
     binary: bool
     name: str
     split: str
+    labels: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -169,6 +171,23 @@ def _read_idx_images(path: str) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=16).reshape(n, rows, cols, 1).copy()
 
 
+def _read_idx_labels(path: str) -> np.ndarray:
+    raw = _read_bytes(path)
+    if len(raw) < 8:
+        raise DataError(f"{path}: too short for an IDX label header ({len(raw)} bytes)")
+    magic, n = struct.unpack(">ii", raw[:8])
+    if magic != 2049:
+        raise DataError(f"{path}: wrong IDX magic {magic} (labels have 2049); is this a label file?")
+    if len(raw) != 8 + n:
+        raise DataError(
+            f"{path}: header says {n} labels but the file holds {len(raw) - 8} (truncated or padded)"
+        )
+    labels = np.frombuffer(raw, np.uint8, offset=8).astype(np.int32)
+    if labels.max(initial=0) > 9:
+        raise DataError(f"{path}: label {int(labels.max())} is not a digit 0-9")
+    return labels
+
+
 _SPACE = np.frombuffer(b" \t\r\n", np.uint8)
 
 
@@ -214,10 +233,19 @@ def _read_amat(path: str) -> np.ndarray:
 def _load_local(dataset: str, split: str, data_dir: str) -> Dataset:
     info = DATASETS[dataset]
     stem, _, part = info.splits[split]
+    labels = None
     if info.binary:
         images = _read_amat(_find_file(data_dir, stem, ".amat"))
     else:
-        images = _read_idx_images(_find_file(data_dir, stem, "-images-idx3-ubyte"))
+        image_file = _find_file(data_dir, stem, "-images-idx3-ubyte")
+        images = _read_idx_images(image_file)
+        label_file = os.path.join(data_dir, stem + "-labels-idx1-ubyte")
+        if any(os.path.isfile(label_file + ext) for ext in ("", ".gz")):
+            labels = _read_idx_labels(_find_file(data_dir, stem, "-labels-idx1-ubyte"))
+            if len(labels) != len(images):
+                raise DataError(
+                    f"{label_file}: {len(labels)} labels for the {len(images)} images of {image_file}"
+                )
     if part is not None:
         needed = part.stop if part.stop is not None else part.start + 1
         if images.shape[0] < needed:
@@ -227,7 +255,8 @@ def _load_local(dataset: str, split: str, data_dir: str) -> Dataset:
                 f"{images.shape[0]} (--data_dir={data_dir})"
             )
         images = images[part].copy()
-    return Dataset(images, binary=info.binary, name=dataset, split=split)
+        labels = None if labels is None else labels[part].copy()
+    return Dataset(images, binary=info.binary, name=dataset, split=split, labels=labels)
 
 
 # -- TensorFlow Datasets ----------------------------------------------------
@@ -251,7 +280,11 @@ def _load_tfds(dataset: str, split: str, tfds_data_dir: str | None) -> Dataset:
             f"tensorflow-datasets could not provide {dataset}/{tfds_split}: {type(e).__name__}: {e}. "
             "Offline, pass --data_dir with local copies of the files."
         ) from e
-    images = np.stack([np.asarray(source[i]["image"]) for i in range(len(source))]).astype(np.uint8)
+    records = [source[i] for i in range(len(source))]
+    images = np.stack([np.asarray(r["image"]) for r in records]).astype(np.uint8)
+    labels = (
+        np.array([int(r["label"]) for r in records], np.int32) if records and "label" in records[0] else None
+    )
     if images.ndim == 3:
         images = images[..., None]
     if images.shape[1:] != (28, 28, 1):
@@ -261,7 +294,7 @@ def _load_tfds(dataset: str, split: str, tfds_data_dir: str | None) -> Dataset:
     binary = info.binary
     if binary and images.max(initial=0) > 1:
         raise DataError(f"tfds {dataset}/{tfds_split}: values above 1 in a binarized set")
-    return Dataset(images, binary=binary, name=dataset, split=split)
+    return Dataset(images, binary=binary, name=dataset, split=split, labels=labels)
 
 
 def load_split(

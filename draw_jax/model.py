@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from draw_jax import attention
 from draw_jax.config import DrawConfig
 
-__all__ = ["DRAW", "DrawConfig", "DrawOutputs", "Generation", "LSTMCell", "tiling_window_params"]
+__all__ = ["DRAW", "DrawConfig", "DrawOutputs", "Generation", "LSTMCell"]
 
 
 class DrawOutputs(NamedTuple):
@@ -86,29 +86,6 @@ class LSTMCell(nnx.Module):
         return h, cell
 
 
-def tiling_window_params(n: int, height: int, width: int, *, unit_write_gain: bool = False) -> jax.Array:
-    """[5] window parameters whose n x n grid tiles the whole image evenly.
-
-    Used as the initial bias of the window layers: the stride is max(h, w) / n
-    (filters at the centres of n equal cells) and sigma half a stride. With
-    zero biases instead, a 2 x 2 read grid starts on the image corners with
-    sigma = 1 pixel; on MNIST it then reads blank pixels, the KL collapses to 0
-    and attention gets no gradient (see BUILD_NOTES.md).
-
-    gamma is 1 for a read. For a write (``unit_write_gain``), gamma starts at
-    1 / (2 pi sigma^2): normalised filters spread a patch value over about
-    2 pi sigma^2 pixels, and eq. 29 divides by gamma, so a unit patch value
-    then changes the canvas by about one logit at its centre rather than by
-    1 / (2 pi sigma^2) (which left the canvas almost still for hundreds of steps).
-    """
-    size = max(height, width)
-    stride = size / n
-    delta_tilde = stride * max(n - 1, 1) / (size - 1)  # inverts eq. 24
-    sigma2 = (stride / 2) ** 2
-    log_gamma = -float(jnp.log(2 * jnp.pi * sigma2)) if unit_write_gain else 0.0
-    return jnp.array([0.0, 0.0, jnp.log(sigma2), jnp.log(delta_tilde), log_gamma], jnp.float32)
-
-
 # Carry of the scan: canvas, encoder (h, cell), decoder (h, cell).
 _Carry = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
 
@@ -129,7 +106,7 @@ class DRAW(nnx.Module):
         self.to_logsigma = linear(cfg.enc_size, cfg.z_size)
 
         def window_layer(n: int, write: bool) -> nnx.Linear:
-            bias = tiling_window_params(n, cfg.height, cfg.width, unit_write_gain=write)
+            bias = attention.tiling_params(n=n, height=cfg.height, width=cfg.width, unit_write_gain=write)
             return nnx.Linear(
                 cfg.dec_size,
                 5,

@@ -160,7 +160,7 @@ def test_initial_window_tiles_the_image():
     # The window layers start (bias) on a grid tiling the image evenly: centred,
     # stride max(h, w) / n, first filter half a stride in from the edge.
     for n in (2, 5):
-        p = np.asarray(__import__("draw_jax").model.tiling_window_params(n, 28, 28))
+        p = np.asarray(__import__("draw_jax").attention.tiling_params(n=n, height=28, width=28))
         win = attention.window_from_params(jnp.asarray(p)[None], n=n, height=28, width=28)
         np.testing.assert_allclose(win.gx, 13.5, atol=1e-5)
         np.testing.assert_allclose(win.delta, 28 / n, rtol=1e-5)

@@ -1,0 +1,258 @@
+"""Training the cluttered-MNIST attention classifier: ``train_classifier(config, workdir)``.
+
+The same machinery as DRAW's training, reused rather than copied: clipped Adam
+and its schedules (``train_step.make_optimizer``), ``TrainState``, epoch orders
+from (seed, epoch) (``feeding.epoch_permutation``), data parallelism
+(``parallel.Parallel``), orbax checkpoints (``checkpoint.Checkpointer``),
+TensorBoard writers and JSON (``metrics``). Resuming repeats an uninterrupted
+run: the batches of step s depend only on the seeds and s.
+
+Workdir: ``config.json``, ``checkpoints/``, ``tb/{train,valid}``, ``results.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from draw_jax import cluttered, feeding, train_step
+from draw_jax.checkpoint import Checkpointer
+from draw_jax.classifier import AttentionClassifier, ClassifierConfig, loss_and_accuracy
+from draw_jax.config import ConfigError, OptimConfig
+from draw_jax.metrics import MetricWriter, TrainingDiverged, write_json
+from draw_jax.parallel import Parallel
+
+__all__ = [
+    "ClassifierRunConfig",
+    "evaluate_error",
+    "load_classifier",
+    "make_classifier_step",
+    "train_classifier",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierRunConfig:
+    """A classifier run: model, optimiser, data and schedule (what config.json holds)."""
+
+    model: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(adam_b1=0.9))
+    variant: str = "100x100"
+    data_seed: int = 0
+    data_dir: str | None = None
+    tfds_data_dir: str | None = None
+    batch_size: int = 64
+    num_steps: int = 20_000
+    seed: int = 0
+    log_every: int = 100
+    eval_every: int = 1_000
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_examples: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in cluttered.VARIANTS:
+            raise ConfigError(
+                f"--variant must be one of {', '.join(cluttered.VARIANTS)}, got {self.variant!r}"
+            )
+        size = cluttered.VARIANTS[self.variant][0]
+        if (self.model.height, self.model.width) != (size, size):
+            raise ConfigError(f"--variant={self.variant} makes {size}x{size} images; the model is for "
+                              f"{self.model.height}x{self.model.width}")  # fmt: skip
+        for name in ("batch_size", "num_steps", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("log_every", "eval_every", "checkpoint_every", "eval_examples"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.data_dir is not None and not os.path.isdir(self.data_dir):
+            raise ConfigError(f"--data_dir={self.data_dir} is not a directory")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClassifierRunConfig:
+        d = dict(d)
+        try:
+            d["model"], d["optim"] = ClassifierConfig(**d["model"]), OptimConfig(**d["optim"])
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"classifier config does not match this version of draw_jax: {e}") from e
+
+    def identity(self) -> dict[str, Any]:
+        """What a resumed run must share with the one it continues (not length, intervals, paths)."""
+        d = self.to_dict()
+        for k in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_examples",
+                  "data_dir", "tfds_data_dir"):  # fmt: skip
+            d.pop(k)
+        return d
+
+
+def _init(config: ClassifierRunConfig):
+    optim = config.optim
+    if optim.decay_steps is None:
+        optim = dataclasses.replace(optim, decay_steps=config.num_steps)
+    optimizer = train_step.make_optimizer(optim)
+    graphdef, state = nnx.split(AttentionClassifier(config.model, rngs=nnx.Rngs(config.seed)))
+    return graphdef, train_step.create_train_state(nnx.to_pure_dict(state), optimizer), optimizer
+
+
+def load_classifier(config: ClassifierRunConfig, workdir: str) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, params) of the latest checkpoint of a classifier run in ``workdir``."""
+    graphdef, like, _ = _init(config)
+    with Checkpointer(workdir, read_only=True) as checkpoints:
+        return graphdef, checkpoints.restore(like).params
+
+
+def make_classifier_step(graphdef: nnx.GraphDef, optimizer, batch_sharding=None, *, jit: bool = True):
+    """``step(state, images uint8 [b,h,w,c], labels int32 [b]) -> (state, {loss, accuracy, grad_norm})``."""
+
+    def step(state: train_step.TrainState, images: jax.Array, labels: jax.Array):
+        if batch_sharding is not None:
+            images = jax.lax.with_sharding_constraint(images, batch_sharding)
+
+        def loss_fn(params):
+            logits = nnx.merge(graphdef, params)(images).logits
+            return loss_and_accuracy(logits, labels)
+
+        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = jax.tree.map(jnp.add, state.params, updates)
+        metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax_norm(grads)}
+        return train_step.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return jax.jit(step, donate_argnums=0) if jit else step
+
+
+def optax_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def evaluate_error(
+    graphdef: nnx.GraphDef, params: Any, data: cluttered.ClutteredMNIST, count: int = 0, batch_size: int = 100
+) -> dict[str, float]:
+    """Classification error (%) and mean cross-entropy over the first ``count`` examples (0 = all)."""
+    count = count or len(data)
+
+    @jax.jit
+    def per_batch(params, images, labels):
+        logits = nnx.merge(graphdef, params)(images).logits
+        wrong = jnp.argmax(logits, -1) != labels
+        xent = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], -1)[:, 0]
+        return wrong, xent
+
+    wrong = xent = 0.0
+    for start in range(0, count, batch_size):
+        idx = np.arange(start, min(start + batch_size, count))
+        images, labels = data.batch(idx)
+        pad = batch_size - len(idx)  # one compiled shape: pad the last batch, mask it out
+        if pad:
+            images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
+            labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+        w, x = jax.device_get(per_batch(params, images, labels))
+        wrong += float(w[: len(idx)].sum())
+        xent += float(x[: len(idx)].sum())
+    return {"error_percent": 100.0 * wrong / count, "xent": xent / count, "num_images": count}
+
+
+def _batches(data: cluttered.ClutteredMNIST, batch_size: int, seed: int, start_step: int):
+    m = len(data)
+    steps_per_epoch = m // batch_size
+    epoch, offset = divmod(start_step, steps_per_epoch)
+    while True:
+        perm = feeding.epoch_permutation(seed, epoch, m)
+        for i in range(offset, steps_per_epoch):
+            yield data.batch(perm[i * batch_size : (i + 1) * batch_size])
+        epoch, offset = epoch + 1, 0
+
+
+def train_classifier(config: ClassifierRunConfig, workdir: str) -> dict[str, Any]:
+    """Trains (or resumes) the classifier in ``workdir``; returns the final figures (also results.json).
+
+    Raises:
+      ConfigError: the workdir holds a different run, or a setting does not fit.
+      DataError: MNIST files missing or malformed.
+      TrainingDiverged: the loss became non-finite (the last good checkpoint is kept).
+    """
+    config_path = os.path.join(workdir, "config.json")
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            previous = ClassifierRunConfig.from_dict(json.load(f))
+        if previous.identity() != config.identity():
+            diffs = [k for k in config.identity() if config.identity()[k] != previous.identity()[k]]
+            raise ConfigError(f"--workdir={workdir} holds a different classifier run (differs in: "
+                              f"{', '.join(diffs)}); use a new --workdir or the same flags to resume")  # fmt: skip
+    load = dict(variant=config.variant, seed=config.data_seed, data_dir=config.data_dir,
+                tfds_data_dir=config.tfds_data_dir)  # fmt: skip
+    train, valid = cluttered.load("train", **load), cluttered.load("valid", **load)
+    if config.batch_size > len(train):
+        raise ConfigError(
+            f"--batch_size={config.batch_size} is larger than the training split ({len(train)})"
+        )
+    parallel = Parallel.create(config.batch_size)
+    graphdef, state, optimizer = _init(config)
+    step_fn = make_classifier_step(graphdef, optimizer, parallel.batch)
+    results: dict[str, Any] = {}
+
+    with contextlib.ExitStack() as stack:
+        checkpoints = stack.enter_context(Checkpointer(workdir, keep=config.keep_checkpoints))
+        if checkpoints.latest_step() is not None:
+            state = checkpoints.restore(state)
+            logging.info("resumed from %s at step %d", checkpoints.directory, int(state.step))
+        os.makedirs(workdir, exist_ok=True)
+        write_json(config_path, config.to_dict())
+        writers = {s: stack.enter_context(MetricWriter(workdir, s)) for s in ("train", "valid")}
+        state = jax.device_put(state, parallel.replicated)
+        step = int(state.step)
+        batches = _batches(train, config.batch_size, config.seed, step)
+        sums: dict[str, float] = {}
+        count, t0, last_valid = 0, time.perf_counter(), {}
+
+        def evaluate(step: int) -> None:
+            last_valid.update(evaluate_error(graphdef, state.params, valid, config.eval_examples))
+            writers["valid"].scalars(step, {"error_percent": last_valid["error_percent"],
+                                            "loss": last_valid["xent"]})  # fmt: skip
+            logging.info("step %d  valid error %.2f%%  xent %.4f (%d images)", step,
+                         last_valid["error_percent"], last_valid["xent"], last_valid["num_images"])  # fmt: skip
+
+        while step < config.num_steps:
+            images, labels = next(batches)
+            state, metrics = step_fn(state, parallel.put_batch(images), parallel.put_batch(labels))
+            step += 1
+            metrics = jax.device_get(metrics)
+            if not np.isfinite(metrics["loss"]):
+                raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; the last good checkpoint "
+                                       f"({checkpoints.latest_step()}) is kept in {checkpoints.directory}")  # fmt: skip
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+            last = step == config.num_steps
+            if (config.log_every and step % config.log_every == 0) or last:
+                means = {k: v / count for k, v in sums.items()}
+                rate = count * config.batch_size / (time.perf_counter() - t0)
+                means["images_per_s"] = rate
+                writers["train"].scalars(step, means)
+                logging.info("step %d/%d  loss %.4f  accuracy %.3f  |g| %.2f  %.0f img/s", step,
+                             config.num_steps, means["loss"], means["accuracy"], means["grad_norm"], rate)  # fmt: skip
+                results["train"] = means
+                sums, count, t0 = {}, 0, time.perf_counter()
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
+                checkpoints.save(step, state)
+            if (config.eval_every and step % config.eval_every == 0) or last:
+                evaluate(step)
+        if not last_valid:
+            evaluate(step)
+        results.update(step=step, valid=dict(last_valid))
+        write_json(os.path.join(workdir, "results.json"), results)
+    return results

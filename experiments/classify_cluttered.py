@@ -1,0 +1,132 @@
+"""Cluttered translated MNIST classification with attention glimpses (DRAW Table 1).
+
+``python -m experiments.classify_cluttered [--data_dir=../shared/data/mnist] --workdir=runs/cluttered``
+
+Defaults are the paper's (Table 3): 100 x 100 images with 8 pieces of clutter,
+8 glimpses of 12 x 12, an LSTM of 256 cells. ``--variant=60x60`` is the RAM
+paper's smaller set (4 pieces). Re-running the same command resumes;
+``--pictures_dir`` draws the glimpse windows on test images from a finished
+run. The model lives in ``draw_jax.classifier`` (a user of
+``draw_jax.attention``), the loop in ``draw_jax.classifier_training``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from draw_jax import cluttered, pictures
+from draw_jax.classifier import ClassifierConfig
+from draw_jax.classifier_training import (
+    ClassifierRunConfig,
+    evaluate_error,
+    load_classifier,
+    train_classifier,
+)
+from draw_jax.config import OptimConfig
+from draw_jax.metrics import TrainingDiverged, write_json
+from experiments import cli
+
+_RUN = ClassifierRunConfig()
+_MODEL, _OPTIM = _RUN.model, _RUN.optim
+
+flags.DEFINE_string(
+    "workdir", "runs/cluttered", "Checkpoints, config.json, TensorBoard events, results.json."
+)
+flags.DEFINE_enum(
+    "variant", _RUN.variant, list(cluttered.VARIANTS), "100x100 (8 pieces of clutter) or 60x60 (4)."
+)
+flags.DEFINE_string("data_dir", None, "Folder with the MNIST IDX files (offline); default: TFDS mnist.")
+flags.DEFINE_string("tfds_data_dir", None, "Where TFDS keeps prepared data (its default if unset).")
+flags.DEFINE_integer("data_seed", _RUN.data_seed, "Seed of the cluttered images (placements, clutter).")
+flags.DEFINE_integer("glimpses", _MODEL.glimpses, "Glimpses per image (the paper: 8; also 4).")
+flags.DEFINE_integer("glimpse_n", _MODEL.glimpse_n, "Glimpse size n (n x n filters; the paper: 12).")
+flags.DEFINE_integer("hidden", _MODEL.hidden, "LSTM cells (the paper: 256).")
+flags.DEFINE_integer("batch_size", _RUN.batch_size, "Images per step (global, over all devices).")
+flags.DEFINE_integer("num_steps", _RUN.num_steps, "Optimiser steps in all (a resumed run continues to this).")
+flags.DEFINE_float("learning_rate", _OPTIM.learning_rate, "Adam step size (peak of the schedule).")
+flags.DEFINE_float("adam_b1", _OPTIM.adam_b1, "Adam beta1.")
+flags.DEFINE_float("clip_norm", _OPTIM.clip_norm, "Global gradient-norm clipping (0 = off).")
+flags.DEFINE_enum("lr_schedule", _OPTIM.lr_schedule, ["constant", "cosine"], "Learning-rate schedule.")
+flags.DEFINE_integer("warmup_steps", _OPTIM.warmup_steps, "Linear learning-rate warm-up steps.")
+flags.DEFINE_integer("seed", _RUN.seed, "Seeds parameters and data order.")
+flags.DEFINE_integer("log_every", _RUN.log_every, "Steps between console lines and train summaries.")
+flags.DEFINE_integer("eval_every", _RUN.eval_every, "Steps between valid evaluations (0 = at the end).")
+flags.DEFINE_integer("checkpoint_every", _RUN.checkpoint_every, "Steps between checkpoints (0 = at the end).")
+flags.DEFINE_integer("keep_checkpoints", _RUN.keep_checkpoints, "Checkpoints kept.")
+flags.DEFINE_integer("eval_examples", _RUN.eval_examples, "Valid images per evaluation (0 = all 10,000).")
+flags.DEFINE_bool("test", False, "After training, also measure the test error (MNIST test images).")
+flags.DEFINE_string("pictures_dir", None, "Draw the glimpse windows on test images here (after training).")
+
+FLAGS = flags.FLAGS
+
+
+def config_from_flags() -> ClassifierRunConfig:
+    size = cluttered.VARIANTS[FLAGS.variant][0]
+    model = ClassifierConfig(height=size, width=size, glimpses=FLAGS.glimpses, glimpse_n=FLAGS.glimpse_n,
+                             hidden=FLAGS.hidden)  # fmt: skip
+    optim = OptimConfig(learning_rate=FLAGS.learning_rate, adam_b1=FLAGS.adam_b1, clip_norm=FLAGS.clip_norm,
+                        lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps)  # fmt: skip
+    names = ("variant", "data_seed", "data_dir", "tfds_data_dir", "batch_size", "num_steps", "seed", "log_every",
+             "eval_every", "checkpoint_every", "keep_checkpoints", "eval_examples")  # fmt: skip
+    return ClassifierRunConfig(model=model, optim=optim, **{n: getattr(FLAGS, n) for n in names})
+
+
+def draw_glimpses(config: ClassifierRunConfig, workdir: str, out_dir: str, count: int = 8) -> str:
+    """glimpses.png: each row a test image with its G windows as boxes (one frame per glimpse)."""
+    from flax import nnx
+
+    path = os.path.join(out_dir, "glimpses.png")
+    if os.path.exists(path):
+        raise cli.ConfigError(f"{path} exists; remove it or choose another --pictures_dir")
+    test = cluttered.load("test", variant=config.variant, seed=config.data_seed, data_dir=config.data_dir,
+                          tfds_data_dir=config.tfds_data_dir)  # fmt: skip
+    graphdef, params = load_classifier(config, workdir)
+    images, labels = test.batch(np.arange(count))
+    out = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, images)
+    predicted = np.asarray(out.logits.argmax(-1))
+    g = config.model.glimpses
+    frames = np.broadcast_to(images[None].astype(np.float32) / 255.0, (g, *images.shape))
+    win = out.windows
+    boxes = [(np.asarray(win.gx[t]), np.asarray(win.gy[t]), np.asarray(win.delta[t])) for t in range(g)]
+    boxed = pictures.frames_with_boxes(
+        frames, boxes, config.model.glimpse_n, scale=2, ncols=1, color=(255, 48, 48)
+    )
+    # frames_with_boxes gives one grid per glimpse; put the glimpses side by side, row = image.
+    os.makedirs(out_dir, exist_ok=True)
+    strip = np.concatenate(boxed, axis=1)
+    pictures.save_png(path, strip)
+    with open(os.path.join(out_dir, "glimpses.txt"), "w") as f:
+        f.write("row: true label -> predicted\n")
+        for i in range(count):
+            f.write(f"{i}: {labels[i]} -> {predicted[i]}\n")
+    return path
+
+
+@cli.user_errors_as_messages
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise cli.ConfigError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
+    config = config_from_flags()
+    logging.info("devices: %s", jax.devices())
+    try:
+        results = train_classifier(config, FLAGS.workdir)
+    except TrainingDiverged as e:
+        cli.fail(str(e), code=3)
+    if FLAGS.test:
+        test = cluttered.load("test", variant=config.variant, seed=config.data_seed, data_dir=config.data_dir,
+                              tfds_data_dir=config.tfds_data_dir)  # fmt: skip
+        graphdef, params = load_classifier(config, FLAGS.workdir)
+        results["test"] = evaluate_error(graphdef, params, test)
+        write_json(os.path.join(FLAGS.workdir, "results.json"), results)
+        print(f"test error {results['test']['error_percent']:.2f}% on {results['test']['num_images']} images")
+    if FLAGS.pictures_dir:
+        print(f"wrote {draw_glimpses(config, FLAGS.workdir, FLAGS.pictures_dir)}")
+    print(f"done: step {results['step']}, valid error {results['valid']['error_percent']:.2f}%")
+
+
+if __name__ == "__main__":
+    app.run(main)
