@@ -17,6 +17,7 @@ import os
 import jax
 import numpy as np
 from absl import app, flags, logging
+from PIL import Image, ImageDraw
 
 from draw_jax import cluttered, pictures
 from draw_jax.classifier import ClassifierConfig
@@ -76,7 +77,7 @@ def config_from_flags() -> ClassifierRunConfig:
 
 
 def draw_glimpses(config: ClassifierRunConfig, workdir: str, out_dir: str, count: int = 8) -> str:
-    """glimpses.png: each row a test image with its G windows as boxes (one frame per glimpse)."""
+    """glimpses.png: a row per test image, its G glimpse windows left to right as boxes, labels at the left."""
     from flax import nnx
 
     path = os.path.join(out_dir, "glimpses.png")
@@ -95,14 +96,18 @@ def draw_glimpses(config: ClassifierRunConfig, workdir: str, out_dir: str, count
     boxed = pictures.frames_with_boxes(
         frames, boxes, config.model.glimpse_n, scale=2, ncols=1, color=(255, 48, 48)
     )
-    # frames_with_boxes gives one grid per glimpse; put the glimpses side by side, row = image.
-    os.makedirs(out_dir, exist_ok=True)
+    # frames_with_boxes gives one column per glimpse; side by side, a row per image,
+    # with "true -> predicted" in a margin on the left.
     strip = np.concatenate(boxed, axis=1)
-    pictures.save_png(path, strip)
-    with open(os.path.join(out_dir, "glimpses.txt"), "w") as f:
-        f.write("row: true label -> predicted\n")
-        for i in range(count):
-            f.write(f"{i}: {labels[i]} -> {predicted[i]}\n")
+    margin = np.zeros((strip.shape[0], 64, 3), np.uint8)
+    picture = Image.fromarray(np.concatenate([margin, strip], axis=1))
+    draw = ImageDraw.Draw(picture)
+    row = strip.shape[0] / count
+    for i in range(count):
+        colour = (255, 255, 255) if predicted[i] == labels[i] else (255, 96, 96)
+        draw.text((6, int(row * (i + 0.5)) - 12), f"true {labels[i]}", fill=(255, 255, 255))
+        draw.text((6, int(row * (i + 0.5)) + 2), f"pred {predicted[i]}", fill=colour)
+    pictures.save_png(path, np.asarray(picture))
     return path
 
 

@@ -1,0 +1,151 @@
+"""Cluttered MNIST and the attention classifier: the builder's protocol, the
+classifier's use of draw_jax.attention, scan == loop, overfitting real images,
+and the entry point end to end with resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from draw_jax import attention, cluttered, data, train_step
+from draw_jax.classifier import AttentionClassifier, ClassifierConfig
+from draw_jax.classifier_training import ClassifierRunConfig, make_classifier_step
+from draw_jax.config import ConfigError, OptimConfig
+from tests.test_train import run_cli
+
+
+@pytest.fixture(scope="module")
+def mnist_dir(shared_data):
+    return os.path.join(shared_data, "mnist")
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_dir):
+    return {s: data.load_split("mnist", s, mnist_dir) for s in ("train", "valid", "test")}
+
+
+def _layers(ds: cluttered.ClutteredMNIST, i: int) -> np.ndarray:
+    """Every piece of example i on its own zero canvas: [1 + clutter, size, size, 1]."""
+    p = ds.placement(i)
+    layers = np.zeros((1 + ds.num_clutter, ds.size, ds.size, 1), np.uint8)
+    y, x = p.digit_yx
+    layers[0, y : y + 28, x : x + 28] = ds.images[i]
+    for k, (src, (cy, cx), (py, px)) in enumerate(
+        zip(p.clutter_sources, p.clutter_cut_yx, p.clutter_yx, strict=True)
+    ):
+        layers[1 + k, py : py + 8, px : px + 8] = ds.images[src, cy : cy + 8, cx : cx + 8]
+    return layers
+
+
+@pytest.mark.parametrize("variant", ["100x100", "60x60"])
+def test_builder_follows_the_protocol(mnist_dir, mnist, variant):
+    size, pieces = cluttered.VARIANTS[variant]
+    for split in ("train", "valid", "test"):
+        ds = cluttered.load(split, variant=variant, seed=3, data_dir=mnist_dir)
+        source = mnist[split]
+        assert len(ds) == len(source)
+        for i in (0, 17, len(ds) - 1):
+            image, label = ds.example(i)
+            p = ds.placement(i)
+            assert image.shape == (size, size, 1) and image.dtype == np.uint8
+            # The digit: MNIST image i of the same split, whole and inside the canvas.
+            y, x = p.digit_yx
+            assert 0 <= y <= size - 28 and 0 <= x <= size - 28
+            assert label == source.labels[i]
+            assert np.all(image[y : y + 28, x : x + 28] >= source.images[i])
+            # Exactly `pieces` pieces of clutter, from other images of the same split only.
+            assert len(p.clutter_sources) == pieces
+            assert np.all((p.clutter_sources >= 0) & (p.clutter_sources < len(source)))
+            assert i not in p.clutter_sources
+            assert np.all((p.clutter_yx >= 0) & (p.clutter_yx <= size - 8))
+            # Nothing else: the canvas is the pixelwise max of those layers.
+            np.testing.assert_array_equal(image, _layers(ds, i).max(axis=0))
+
+
+def test_builder_is_deterministic_per_seed_and_differs_across_seeds(mnist_dir):
+    a = cluttered.load("valid", seed=0, data_dir=mnist_dir).batch(np.arange(8))[0]
+    b = cluttered.load("valid", seed=0, data_dir=mnist_dir).batch(np.arange(8))[0]
+    c = cluttered.load("valid", seed=1, data_dir=mnist_dir).batch(np.arange(8))[0]
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    with pytest.raises(ConfigError, match="--variant"):
+        cluttered.load("valid", variant="50x50", data_dir=mnist_dir)
+
+
+def _model(size=100, glimpses=3, n=12, hidden=32, seed=0):
+    cfg = ClassifierConfig(height=size, width=size, glimpses=glimpses, glimpse_n=n, hidden=hidden)
+    return AttentionClassifier(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_the_glimpse_is_draw_jax_attention_read(mnist_dir):
+    images, _ = cluttered.load("valid", data_dir=mnist_dir).batch(np.arange(4))
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    model = _model()
+    h = jax.random.normal(jax.random.key(1), (4, 32))
+    patch, win = model.glimpse(x, h)
+    params = model.to_window(h)
+    direct = attention.read(x, attention.window_from_params(params, n=12, height=100, width=100))
+    np.testing.assert_array_equal(patch, direct)
+    assert win.n == 12 and patch.shape == (4, 12, 12, 1)
+
+
+def test_scanned_glimpses_equal_a_python_loop(mnist_dir):
+    images, _ = cluttered.load("valid", data_dir=mnist_dir).batch(np.arange(4))
+    model = _model(glimpses=4)
+    a, b = model(images), model(images, python_loop=True)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a.windows.gx, b.windows.gx, rtol=1e-5, atol=1e-5)
+    assert a.glimpses.shape == (4, 4, 12, 12, 1)
+
+
+def test_classifier_overfits_a_small_batch_of_real_cluttered_images(mnist_dir):
+    images, labels = cluttered.load("train", variant="60x60", data_dir=mnist_dir).batch(np.arange(32))
+    model = _model(size=60, glimpses=4, hidden=64)
+    graphdef, state = nnx.split(model)
+    optimizer = train_step.make_optimizer(OptimConfig(learning_rate=3e-3, adam_b1=0.9))
+    ts = train_step.create_train_state(nnx.to_pure_dict(state), optimizer)
+    step = make_classifier_step(graphdef, optimizer)
+    first = None
+    for _ in range(250):
+        ts, m = step(ts, images, labels)
+        first = float(m["loss"]) if first is None else first
+    assert float(m["loss"]) < 0.2 * first, (first, float(m["loss"]))
+    logits = nnx.merge(graphdef, ts.params)(images).logits
+    assert float((logits.argmax(-1) == labels).mean()) >= 0.95
+
+
+def test_run_config_refuses_bad_settings():
+    with pytest.raises(ConfigError, match="--variant=60x60"):
+        ClassifierRunConfig(variant="60x60")  # the default model is for 100x100
+    with pytest.raises(ConfigError, match="--glimpses"):
+        ClassifierConfig(glimpses=0)
+    with pytest.raises(ValueError, match="expects images"):
+        _model()(jnp.zeros((2, 60, 60, 1)))
+
+
+def test_entry_point_runs_and_resumes_identically(mnist_dir, tmp_path):
+    common = [
+        f"--data_dir={mnist_dir}", "--variant=60x60", "--glimpses=2", "--hidden=16", "--glimpse_n=6",
+        "--batch_size=16", "--log_every=2", "--eval_every=4", "--eval_examples=32", "--checkpoint_every=2",
+    ]  # fmt: skip
+    whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+    run_cli("experiments.classify_cluttered", *common, f"--workdir={whole}", "--num_steps=8")
+    run_cli("experiments.classify_cluttered", *common, f"--workdir={parts}", "--num_steps=4")
+    out = run_cli("experiments.classify_cluttered", *common, f"--workdir={parts}", "--num_steps=8").stdout
+    assert "valid error" in out
+    a, b = (json.load(open(f"{w}/results.json")) for w in (whole, parts))
+    assert a["step"] == b["step"] == 8
+    assert a["train"]["loss"] == b["train"]["loss"] and a["valid"] == b["valid"]
+    for split in ("train", "valid"):
+        assert os.listdir(f"{whole}/tb/{split}")
+    # A different run in the same workdir is refused with a message, not a traceback.
+    bad = run_cli("experiments.classify_cluttered", *common, f"--workdir={whole}", "--hidden=8", ok=False)
+    assert bad.returncode == 2 and "different classifier run" in bad.stderr and "Traceback" not in bad.stderr
+    missing = run_cli("experiments.classify_cluttered", "--data_dir=/nonexistent", ok=False)
+    assert missing.returncode == 2 and "--data_dir=/nonexistent" in missing.stderr
