@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from draw_jax import attention
 from draw_jax.config import DrawConfig
 
-__all__ = ["DRAW", "DrawConfig", "DrawOutputs", "Generation", "LSTMCell"]
+__all__ = ["DRAW", "DrawConfig", "DrawOutputs", "Generation", "LSTMCell", "hoisted_kernel_gradient"]
 
 
 class DrawOutputs(NamedTuple):
@@ -34,6 +34,8 @@ class DrawOutputs(NamedTuple):
       mu, logsigma: [T, b, z] the approximate posterior per step (eq. 1-2's Q).
       read_window, write_window: ``attention.Window`` of [T, b] arrays, or None
         for a variant without attention.
+      gate_inputs: with ``gate_offsets``, the LSTMs' [input, h] per step:
+        (encoder [T, b, in_e], decoder [T, b, in_d]); else None.
     """
 
     logits: jax.Array
@@ -42,6 +44,7 @@ class DrawOutputs(NamedTuple):
     logsigma: jax.Array
     read_window: attention.Window | None
     write_window: attention.Window | None
+    gate_inputs: tuple[jax.Array, jax.Array] | None = None
 
 
 class Generation(NamedTuple):
@@ -79,6 +82,31 @@ class LSTMCell(nnx.Module):
         """(h [b, hidden], cell [b, hidden]), inputs [b, in] -> new (h, cell), float32."""
         h, cell = state
         gates = self.gates(jnp.concatenate([inputs.astype(h.dtype), h], axis=-1))
+        return self._update(cell, gates)
+
+    def tapped(
+        self, state: tuple[jax.Array, jax.Array], inputs: jax.Array, gate_offset: jax.Array
+    ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
+        """The same step with the kernel's gradient left to the caller.
+
+        gates = u @ stop_gradient(W) + bias + gate_offset, u = [inputs, h]. With
+        ``gate_offset`` zero the value is ``__call__``'s; the gradient with respect to
+        ``gate_offset`` is the gate gradient g, and the caller forms W's gradient
+        sum_t u_t^T g_t itself (``hoisted_kernel_gradient``).
+
+        Returns:
+          ((h, cell), u [b, in + hidden]) with u outside the gradient.
+        """
+        h, cell = state
+        u = jnp.concatenate([inputs.astype(h.dtype), h], axis=-1)
+        layer = self.gates
+        kernel = jax.lax.stop_gradient(layer.kernel[...])
+        dtype = layer.dtype or jnp.float32
+        gates = jnp.dot(u.astype(dtype), kernel.astype(dtype)) + layer.bias[...].astype(dtype)
+        gates = gates + gate_offset.astype(dtype)
+        return self._update(cell, gates), jax.lax.stop_gradient(u)
+
+    def _update(self, cell: jax.Array, gates: jax.Array) -> tuple[jax.Array, jax.Array]:
         gates = checkpoint_name(gates, LSTM_GATES)  # what the backward pass keeps (see DRAW)
         i, f, g, o = jnp.split(gates.astype(jnp.float32), 4, axis=-1)
         cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
@@ -174,33 +202,46 @@ class DRAW(nnx.Module):
         return attention.write(patch, win, height=cfg.height, width=cfg.width), win
 
     def step(
-        self, carry: _Carry, x: jax.Array, eps: jax.Array
-    ) -> tuple[
-        _Carry, tuple[jax.Array, jax.Array, jax.Array, attention.Window | None, attention.Window | None]
-    ]:
+        self,
+        carry: _Carry,
+        x: jax.Array,
+        eps: jax.Array,
+        gate_offsets: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[_Carry, tuple]:
         """One DRAW step, eq. 3-8.
 
         Args:
           carry: (c_{t-1} [b,h,w,c], h^enc, cell^enc [b,e], h^dec, cell^dec [b,d]).
           x: [b, h, w, c] the image.
           eps: [b, z] standard normal noise for the reparameterised sample.
+          gate_offsets: (encoder [b, 4e], decoder [b, 4d]) zeros to take the LSTM
+            kernels' gradients outside the loop (``LSTMCell.tapped``), or None.
 
         Returns:
-          (new carry, (c_t, mu_t, logsigma_t, read window, write window)).
+          (new carry, (c_t, mu_t, logsigma_t, read window, write window)), and
+          with ``gate_offsets`` the LSTMs' inputs (u_enc, u_dec) appended.
         """
         canvas, h_enc, cell_enc, h_dec, cell_dec = carry
         x_hat = x - jax.nn.sigmoid(canvas)  # eq. 3
         r, read_win = self._read(x, x_hat, h_dec)  # eq. 4
-        h_enc, cell_enc = self.encoder(
-            (h_enc, cell_enc), jnp.concatenate([r, h_dec.astype(r.dtype)], -1)
-        )  # eq. 5
+        enc_in = jnp.concatenate([r, h_dec.astype(r.dtype)], -1)
+        if gate_offsets is None:
+            h_enc, cell_enc = self.encoder((h_enc, cell_enc), enc_in)  # eq. 5
+        else:
+            (h_enc, cell_enc), u_enc = self.encoder.tapped((h_enc, cell_enc), enc_in, gate_offsets[0])
         mu = self.to_mu(h_enc).astype(jnp.float32)  # eq. 1-2 (Q's mean)
         logsigma = self.to_logsigma(h_enc).astype(jnp.float32)
         z = mu + jnp.exp(logsigma) * eps  # eq. 6, reparameterised
-        h_dec, cell_dec = self.decoder((h_dec, cell_dec), z)  # eq. 7
+        if gate_offsets is None:
+            h_dec, cell_dec = self.decoder((h_dec, cell_dec), z)  # eq. 7
+        else:
+            (h_dec, cell_dec), u_dec = self.decoder.tapped((h_dec, cell_dec), z, gate_offsets[1])
         update, write_win = self._write(h_dec)
         canvas = canvas + update  # eq. 8
-        return (canvas, h_enc, cell_enc, h_dec, cell_dec), (canvas, mu, logsigma, read_win, write_win)
+        out = (canvas, mu, logsigma, read_win, write_win)
+        if gate_offsets is not None:
+            out = (*out, (u_enc, u_dec))
+        return (canvas, h_enc, cell_enc, h_dec, cell_dec), out
 
     # -- the T-step loop ----------------------------------------------------
 
@@ -223,6 +264,7 @@ class DRAW(nnx.Module):
         *,
         eps: jax.Array | None = None,
         python_loop: bool = False,
+        gate_offsets: tuple[jax.Array, jax.Array] | None = None,
     ) -> DrawOutputs:
         """Encodes and reconstructs a batch.
 
@@ -233,6 +275,10 @@ class DRAW(nnx.Module):
           python_loop: run the steps in a Python loop instead of ``jax.lax.scan``
             (same result; the traced program grows with T). For tests and the
             compile-time comparison only.
+          gate_offsets: zeros (encoder [T, b, 4e], decoder [T, b, 4d]) from
+            ``gate_offset_zeros``: the LSTM kernels then get no gradient inside the
+            loop; the outputs carry the gate inputs, and ``hoisted_kernel_gradient``
+            forms the kernels' gradients after it, as one large product each.
 
         Returns:
           ``DrawOutputs``.
@@ -245,10 +291,11 @@ class DRAW(nnx.Module):
                 raise ValueError("DRAW needs a PRNG key (or eps) for its latent samples")
             eps = self.noise(key, x.shape[0])
         carry = self.initial_carry(x.shape[0])
+        xs = (eps, gate_offsets)  # None (no offsets) is an empty pytree to scan
         if python_loop:
             outs = []
             for t in range(cfg.T):
-                carry, out = self.step(carry, x, eps[t])
+                carry, out = self.step(carry, x, *jax.tree.map(lambda a, t=t: a[t], xs))
                 outs.append(out)
             stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         else:
@@ -257,12 +304,21 @@ class DRAW(nnx.Module):
             # ops; a few percent of the FLOPs): far fewer per-step buffers to
             # stack and unstack, 0.88x the step time on the paper config (CPU).
             step = jax.checkpoint(
-                lambda c, e: self.step(c, x, e),
+                lambda c, xs_t: self.step(c, x, *xs_t),
                 policy=jax.checkpoint_policies.save_only_these_names(LSTM_GATES),
             )
-            carry, stacked = jax.lax.scan(step, carry, eps)
-        canvases, mu, logsigma, read_win, write_win = stacked
-        return DrawOutputs(carry[0], canvases, mu, logsigma, read_win, write_win)
+            carry, stacked = jax.lax.scan(step, carry, xs)
+        canvases, mu, logsigma, read_win, write_win = stacked[:5]
+        gate_inputs = stacked[5] if gate_offsets is not None else None
+        return DrawOutputs(carry[0], canvases, mu, logsigma, read_win, write_win, gate_inputs)
+
+    def gate_offset_zeros(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        """The zeros ``__call__(..., gate_offsets=...)`` takes: (encoder [T, b, 4e], decoder [T, b, 4d])."""
+        cfg = self.config
+        return (
+            jnp.zeros((cfg.T, batch, 4 * cfg.enc_size), jnp.float32),
+            jnp.zeros((cfg.T, batch, 4 * cfg.dec_size), jnp.float32),
+        )
 
     def generate(self, key: jax.Array, num_samples: int) -> Generation:
         """Draws images from the prior: z_t ~ N(0, I), decoder and write only (sec. 2.3).
@@ -288,3 +344,17 @@ class DRAW(nnx.Module):
 
         _, (canvases, wins) = jax.lax.scan(body, (canvas, h_dec, cell_dec), z)
         return Generation(canvases, wins)
+
+
+def hoisted_kernel_gradient(gate_inputs: jax.Array, gate_grads: jax.Array) -> jax.Array:
+    """An LSTM kernel's gradient over all steps at once: sum_t u_t^T g_t.
+
+    Args:
+      gate_inputs: u [T, b, in + hidden] (``DrawOutputs.gate_inputs``).
+      gate_grads: g [T, b, 4 hidden], the gradient with respect to the gate offsets.
+
+    Returns:
+      [in + hidden, 4 hidden] float32: one [in, T b] x [T b, 4h] product instead
+      of T thin [in, b] x [b, 4h] ones accumulated inside the backward loop.
+    """
+    return jnp.einsum("tbi,tbj->ij", gate_inputs, gate_grads, preferred_element_type=jnp.float32)
