@@ -85,6 +85,17 @@ DATASETS: dict[str, DatasetInfo] = {
         binary=False,
         default_binarize="dynamic",
     ),
+    # Built from mnist's splits (draw_jax/two_digits.py): two digits on a 60 x 60 canvas.
+    "mnist_two_digits": DatasetInfo(
+        splits={
+            "train": ("train", f"train[:{MNIST_VALID_START}]", slice(0, MNIST_VALID_START)),
+            "valid": ("train", f"train[{MNIST_VALID_START}:]", slice(MNIST_VALID_START, None)),
+            "test": ("t10k", "test", None),
+        },
+        binary=False,
+        default_binarize="dynamic",
+        image_shape=(60, 60, 1),
+    ),
 }
 _SPLIT_ALIASES = {"validation": "valid", "val": "valid"}
 
@@ -303,7 +314,7 @@ def load_split(
     """Loads one split into memory.
 
     Args:
-      dataset: 'binarized_mnist' or 'mnist'.
+      dataset: 'binarized_mnist', 'mnist' or 'mnist_two_digits' (built from mnist's files).
       split: 'train', 'valid' ('validation' too) or 'test'. For mnist, valid is
         training images 50,000-59,999 and train the first 50,000.
       data_dir: a folder of local files; when given, TFDS is not used.
@@ -316,6 +327,11 @@ def load_split(
       DataError: naming the file or split at fault.
     """
     _, split = _info(dataset, split)
+    if dataset == "mnist_two_digits":
+        from draw_jax import two_digits
+
+        source = load_split("mnist", split, data_dir, tfds_data_dir)
+        return Dataset(two_digits.make(source.images, split).images, binary=False, name=dataset, split=split)
     if data_dir:
         return _load_local(dataset, split, data_dir)
     return _load_tfds(dataset, split, tfds_data_dir)

@@ -123,3 +123,35 @@ def test_a_version_0_1_config_json_still_loads():
     old["model"]["dtype"] = old["model"].pop("compute_dtype")  # 0.1's name for it
     del old["run"]["num_epochs"]  # 0.1 had no such setting
     assert TrainConfig.from_dict(old) == cfg
+
+
+def test_presets_hold_the_papers_table_3():
+    # Gregor et al. 2015, Table 3 ("Experimental Hyper-Parameters"): MNIST model
+    # T=64, LSTM #h 256, #z 100, read 2x2, write 5x5 (with attention).
+    paper = build_config("paper_attention").model
+    assert (paper.T, paper.enc_size, paper.dec_size, paper.z_size, paper.read_n, paper.write_n) == (
+        64, 256, 256, 100, 2, 5,
+    )  # fmt: skip
+    # Two-digit MNIST (no row in Table 3): the MNIST row on 60x60 with a 5x5 read.
+    two = build_config("paper_two_digits")
+    assert two.model.image_shape == (60, 60, 1) and two.data.dataset == "mnist_two_digits"
+    assert (two.model.T, two.model.enc_size, two.model.z_size, two.model.read_n, two.model.write_n) == (
+        64, 256, 100, 5, 5,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_compiles_and_takes_a_finite_step(name):
+    import jax
+    import numpy as np
+
+    from draw_jax import train_step
+
+    cfg = build_config(name).resolve(1000)
+    graphdef, params = train_step.init_model(cfg.model, seed=0)
+    optimizer = train_step.make_optimizer(cfg.optim)
+    state = train_step.create_train_state(params, optimizer)
+    step = train_step.make_train_step(graphdef, optimizer, binary=False, binarize="dynamic")
+    images = np.random.default_rng(0).integers(0, 256, (2, *cfg.model.image_shape), dtype=np.uint8)
+    state, metrics = step(state, images, jax.random.key(0))
+    assert int(state.step) == 1 and np.isfinite(float(metrics["bound"])) and float(metrics["bound"]) > 0

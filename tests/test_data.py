@@ -210,3 +210,32 @@ def test_tfds_binarized_values_outside_01_are_rejected():
     with tfds.testing.mock_data(as_data_source_fn=_mock_source(bad)):
         with pytest.raises(data.DataError, match="values above 1 in a binarized set"):
             data.load_split("binarized_mnist", "train")
+
+
+def test_two_digit_mnist_holds_both_digits_and_is_deterministic(shared_data):
+    from draw_jax import two_digits
+
+    mnist_dir = os.path.join(shared_data, "mnist")
+    source = data.load_split("mnist", "valid", mnist_dir).images
+    a = two_digits.make(source, "valid")
+    ds = data.load_split("mnist_two_digits", "valid", mnist_dir)
+    np.testing.assert_array_equal(ds.images, a.images)  # the loader is the builder, deterministically
+    assert ds.images.shape == (10_000, 60, 60, 1) and not ds.binary
+    assert not np.array_equal(two_digits.make(source, "valid", seed=1).images, a.images)
+    assert not np.array_equal(two_digits.make(source, "test").images, a.images)  # streams per split
+    for i in (0, 5, 9_999):
+        assert a.partners[i] != i
+        for k, digit in enumerate((source[i], source[a.partners[i]])):
+            y, x = a.positions[i, k]
+            assert 0 <= y <= 32 and 0 <= x <= 32
+            # Every pixel of both digits is there (overlaps keep the max).
+            assert np.all(a.images[i, y : y + 28, x : x + 28] >= digit)
+        # And nothing else: the canvas outside the two digits' squares is empty.
+        mask = np.zeros((60, 60), bool)
+        for y, x in a.positions[i]:
+            mask[y : y + 28, x : x + 28] = True
+        assert not a.images[i, ~mask].any()
+        # Mass: at least the larger digit's, at most both digits' together.
+        mass = int(a.images[i].sum())
+        assert max(int(source[i].sum()), int(source[a.partners[i]].sum())) <= mass
+        assert mass <= int(source[i].sum()) + int(source[a.partners[i]].sum())
