@@ -203,7 +203,11 @@ def train_classifier(config: ClassifierRunConfig, workdir: str) -> dict[str, Any
     parallel = Parallel.create(config.batch_size)
     graphdef, state, optimizer = _init(config)
     step_fn = make_classifier_step(graphdef, optimizer, parallel.batch)
+    results_path = os.path.join(workdir, "results.json")
     results: dict[str, Any] = {}
+    if os.path.isfile(results_path):  # a finished run re-run keeps its figures (e.g. its test error)
+        with open(results_path) as f:
+            results = json.load(f)
 
     with contextlib.ExitStack() as stack:
         checkpoints = stack.enter_context(Checkpointer(workdir, keep=config.keep_checkpoints))
@@ -254,5 +258,5 @@ def train_classifier(config: ClassifierRunConfig, workdir: str) -> dict[str, Any
         if not last_valid:
             evaluate(step)
         results.update(step=step, valid=dict(last_valid))
-        write_json(os.path.join(workdir, "results.json"), results)
+        write_json(results_path, results)
     return results

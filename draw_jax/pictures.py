@@ -94,7 +94,7 @@ def frames_with_boxes(
                 r, c = divmod(i, ncols)
                 ox, oy = pad + c * (w * scale + pad), pad + r * (h * scale + pad)
                 x0, y0, x1, y1 = window_box(float(gx[i]), float(gy[i]), float(delta[i]), n)
-                box = [(ox + (v + 0.5) * scale) for v in (x0, y0, x1, y1)]
+                box = [o + (v + 0.5) * scale for o, v in zip((ox, oy, ox, oy), (x0, y0, x1, y1), strict=True)]
                 box = [
                     np.clip(box[0], ox, ox + w * scale - 1),
                     np.clip(box[1], oy, oy + h * scale - 1),

@@ -1,0 +1,33 @@
+"""Pictures: attention boxes land on their own example's cell, where the window is."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from draw_jax import pictures
+
+
+@pytest.mark.parametrize("ncols", [1, 2, 3])
+def test_each_box_is_drawn_in_its_own_cell_around_its_window(ncols):
+    m, h, w, scale, pad = 6, 20, 20, 2, 1
+    frames = np.zeros((1, m, h, w, 1), np.float32)
+    # Window i centred at pixel (x, y) = (5 + i, 12 - i), a 3x3 grid one pixel apart.
+    gx = np.array([5.0 + i for i in range(m)])
+    gy = np.array([12.0 - i for i in range(m)])
+    delta = np.ones(m)
+    (pic,) = pictures.frames_with_boxes(frames, [(gx, gy, delta)], 3, scale=scale, ncols=ncols)
+    red = (pic[..., 0] > 200) & (pic[..., 1] < 100)
+    for i in range(m):
+        r, c = divmod(i, ncols)
+        oy, ox = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
+        cell = red[oy : oy + h * scale, ox : ox + w * scale]
+        ys, xs = np.nonzero(cell)
+        assert ys.size, f"no box in cell {i}"
+        # The box's centre is the window's centre (in upscaled pixels).
+        assert abs((xs.min() + xs.max()) / 2 / scale - (gx[i] + 0.5)) <= 1.0
+        assert abs((ys.min() + ys.max()) / 2 / scale - (gy[i] + 0.5)) <= 1.0
+    assert red.sum() == sum(
+        red[pad + r * (h * scale + pad) : pad + r * (h * scale + pad) + h * scale].sum()
+        for r in range(-(-m // ncols))
+    )  # nothing drawn on the padding between rows
