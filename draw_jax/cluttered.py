@@ -73,7 +73,10 @@ class ClutteredMNIST:
 
     def __init__(self, source: data_lib.Dataset, *, size: int, num_clutter: int, seed: int) -> None:
         if source.labels is None:
-            raise ConfigError(f"{source.name}/{source.split} has no labels; cluttered MNIST needs them")
+            raise ConfigError(
+                f"{source.name}/{source.split} has no labels; cluttered MNIST needs them "
+                "(train-labels-idx1-ubyte[.gz] / t10k-labels-idx1-ubyte[.gz] beside the images in --data_dir)"
+            )
         if size < DIGIT:
             raise ConfigError(f"a cluttered canvas must hold a {DIGIT}x{DIGIT} digit, got size {size}")
         if num_clutter < 0:
