@@ -196,9 +196,15 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
                     evaluate(step)
                     progress.restart(step)  # evaluation time is not training time
         except KeyboardInterrupt:
+            saved = checkpoints.latest_step()
+            if saved is None:
+                raise TrainingInterrupted(
+                    f"interrupted at step {step}, before the first checkpoint (every --checkpoint_every="
+                    f"{run.checkpoint_every} steps): the same command starts the run over"
+                ) from None
             raise TrainingInterrupted(
-                f"interrupted at step {step}; the last completed checkpoint (step "
-                f"{checkpoints.latest_step()}) is in {checkpoints.directory}: run the same command to resume"
+                f"interrupted at step {step}; the last completed checkpoint (step {saved}) is in "
+                f"{checkpoints.directory}: run the same command to resume"
             ) from None
 
         if not last_eval and start >= run.num_steps:
