@@ -66,6 +66,11 @@ class DatasetInfo:
 # binarized MNIST makes (its train/valid are MNIST train's first 50,000 / last
 # 10,000), so model selection never touches test.
 MNIST_VALID_START = 50_000
+_MNIST_SPLITS = {
+    "train": ("train", f"train[:{MNIST_VALID_START}]", slice(0, MNIST_VALID_START)),
+    "valid": ("train", f"train[{MNIST_VALID_START}:]", slice(MNIST_VALID_START, None)),
+    "test": ("t10k", "test", None),
+}
 DATASETS: dict[str, DatasetInfo] = {
     "binarized_mnist": DatasetInfo(
         splits={
@@ -77,21 +82,13 @@ DATASETS: dict[str, DatasetInfo] = {
         default_binarize="none",
     ),
     "mnist": DatasetInfo(
-        splits={
-            "train": ("train", f"train[:{MNIST_VALID_START}]", slice(0, MNIST_VALID_START)),
-            "valid": ("train", f"train[{MNIST_VALID_START}:]", slice(MNIST_VALID_START, None)),
-            "test": ("t10k", "test", None),
-        },
+        splits=_MNIST_SPLITS,
         binary=False,
         default_binarize="dynamic",
     ),
     # Built from mnist's splits (draw_jax/two_digits.py): two digits on a 60 x 60 canvas.
     "mnist_two_digits": DatasetInfo(
-        splits={
-            "train": ("train", f"train[:{MNIST_VALID_START}]", slice(0, MNIST_VALID_START)),
-            "valid": ("train", f"train[{MNIST_VALID_START}:]", slice(MNIST_VALID_START, None)),
-            "test": ("t10k", "test", None),
-        },
+        splits=_MNIST_SPLITS,
         binary=False,
         default_binarize="dynamic",
         image_shape=(60, 60, 1),
