@@ -30,6 +30,7 @@ from draw_jax import data as data_lib
 from draw_jax import presets as presets_lib
 
 __all__ = [
+    "LIKELIHOODS",
     "ConfigError",
     "DataConfig",
     "DrawConfig",
@@ -40,6 +41,11 @@ __all__ = [
     "build_config",
     "settings",
 ]
+
+
+# D(x | c_T): Bernoulli for binary pixels (the paper's MNIST), a discretised
+# logistic for 8-bit pixel values (colour; ``losses.discretized_logistic_nll``).
+LIKELIHOODS = ("bernoulli", "discretized_logistic")
 
 
 class ConfigError(ValueError):
@@ -89,6 +95,13 @@ class DrawConfig:
         "Matmul dtype; parameters, LSTM cells, canvas and loss stay float32.",
         choices=("float32", "bfloat16"),
     )
+    likelihood: str = setting(
+        "bernoulli",
+        "D(x | c_T): bernoulli (binary pixels, the paper's eq. 9) or discretized_logistic (8-bit "
+        "pixel values, with a learned scale per channel). Default: the data set's (bernoulli for "
+        "the MNIST sets, discretized_logistic for cifar10 and svhn_cropped).",
+        choices=LIKELIHOODS,
+    )
 
     def __post_init__(self) -> None:
         for name in ("height", "width", "channels", "T", "enc_size", "dec_size", "z_size"):
@@ -96,6 +109,7 @@ class DrawConfig:
         for name in ("read_n", "write_n"):
             _positive_int(name, getattr(self, name), " (glimpse size)")
         _check_choice(self, "compute_dtype")
+        _check_choice(self, "likelihood")
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -259,6 +273,25 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     run: RunConfig = dataclasses.field(default_factory=RunConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.likelihood == "discretized_logistic" and (
+            data_lib.DATASETS[self.data.dataset].binary or self.data.binarize != "none"
+        ):
+            raise ConfigError(
+                f"--likelihood=discretized_logistic models 8-bit pixel values, but --dataset="
+                f"{self.data.dataset} with --binarize={self.data.binarize} gives binary targets; "
+                "use --likelihood=bernoulli, or --binarize=none on a grey or colour data set"
+            )
+
+    @property
+    def bound_is_likelihood(self) -> bool:
+        """Whether the reported bound bounds -log p(x) of the data (binary pixels under a
+        Bernoulli, or 8-bit pixels under the discretised logistic); a Bernoulli on grey
+        or colour levels is a cross-entropy, not a likelihood."""
+        if self.model.likelihood == "discretized_logistic":
+            return True
+        return self.data.binary_targets
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -396,6 +429,7 @@ def build_config(preset: str | None = None, **values: Any) -> TrainConfig:
         parts[names[name]][name] = value
     data = DataConfig(**parts["data"])
     height, width, channels = data_lib.DATASETS[data.dataset].image_shape
+    parts["model"].setdefault("likelihood", data_lib.DATASETS[data.dataset].default_likelihood)
     model = DrawConfig(height=height, width=width, channels=channels, **parts["model"])
     if chosen.get("init_from") is not None:
         model = _model_of_released(chosen["init_from"], model, given={**values, **parts["model"]})

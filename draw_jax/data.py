@@ -1,16 +1,19 @@
-"""MNIST and binarized MNIST as in-memory arrays, from local files or TensorFlow Datasets.
+"""MNIST, binarized MNIST, CIFAR-10 and SVHN as in-memory arrays, from local files or TFDS.
 
 Two sources behind one function, ``load_split``:
   * local files (``data_dir`` given): the standard MNIST IDX files
-    (``train-images-idx3-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]``) and
-    Larochelle's ``binarized_mnist_{train,valid,test}.amat[.gz]``. An explicit
+    (``train-images-idx3-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]``),
+    Larochelle's ``binarized_mnist_{train,valid,test}.amat[.gz]``, CIFAR-10's
+    python pickles (``data_batch_1`` .. ``data_batch_5``, ``test_batch``, in
+    ``data_dir`` or its ``cifar-10-batches-py/``) and SVHN's cropped-digit
+    MATLAB files (``train_32x32.mat``, ``test_32x32.mat``). An explicit
     ``data_dir`` always wins: TFDS is never consulted then.
   * TensorFlow Datasets (``data_dir`` None): ``tfds.data_source``, which reads
     prepared ArrayRecord files without TensorFlow. Only the first download and
     preparation needs TensorFlow (the ``[prepare]`` extra).
 
 Images are held as uint8 [m, h, w, c]: 0/1 for a binary set, 0..255 for
-grey MNIST. ``preprocess`` turns a batch into float32 targets inside the jitted
+grey MNIST and colour. ``preprocess`` turns a batch into float32 targets inside the jitted
 step (dynamic binarisation needs the step's key). The order in which a run
 visits them lives in ``feeding``.
 
@@ -22,8 +25,11 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import os
+import pickle
 import struct
+import typing
 import zlib
 
 import jax
@@ -53,12 +59,16 @@ class DatasetInfo:
       binary: True when pixels are already 0/1.
       default_binarize: the binarisation used when none is asked for.
       image_shape: (h, w, c).
+      local_format: how ``data_dir`` holds it: idx, amat, cifar_pickle or svhn_mat.
+      default_likelihood: the model's D(x | c_T) unless --likelihood says otherwise.
     """
 
     splits: dict[str, tuple[str, str, slice | None]]
     binary: bool
     default_binarize: str
     image_shape: tuple[int, int, int] = (28, 28, 1)
+    local_format: str = "idx"
+    default_likelihood: str = "bernoulli"
 
 
 # MNIST has no validation split of its own: the last 10,000 training images
@@ -66,6 +76,8 @@ class DatasetInfo:
 # binarized MNIST makes (its train/valid are MNIST train's first 50,000 / last
 # 10,000), so model selection never touches test.
 MNIST_VALID_START = 50_000
+CIFAR_VALID_START = 45_000  # of CIFAR-10's 50,000 training images
+SVHN_VALID_START = 68_257  # of SVHN's 73,257 cropped training digits
 _MNIST_SPLITS = {
     "train": ("train", f"train[:{MNIST_VALID_START}]", slice(0, MNIST_VALID_START)),
     "valid": ("train", f"train[{MNIST_VALID_START}:]", slice(MNIST_VALID_START, None)),
@@ -80,6 +92,7 @@ DATASETS: dict[str, DatasetInfo] = {
         },
         binary=True,
         default_binarize="none",
+        local_format="amat",
     ),
     "mnist": DatasetInfo(
         splits=_MNIST_SPLITS,
@@ -92,6 +105,35 @@ DATASETS: dict[str, DatasetInfo] = {
         binary=False,
         default_binarize="dynamic",
         image_shape=(60, 60, 1),
+    ),
+    # Colour (sec. 4.4-4.5): 8-bit values, modelled as such (no binarisation).
+    # Neither has a validation split of its own: the last 5,000 training images
+    # are held out as valid, so model selection never touches test.
+    "cifar10": DatasetInfo(
+        splits={
+            "train": ("data_batch", f"train[:{CIFAR_VALID_START}]", slice(0, CIFAR_VALID_START)),
+            "valid": ("data_batch", f"train[{CIFAR_VALID_START}:]", slice(CIFAR_VALID_START, None)),
+            "test": ("test_batch", "test", None),
+        },
+        binary=False,
+        default_binarize="none",
+        image_shape=(32, 32, 3),
+        local_format="cifar_pickle",
+        default_likelihood="discretized_logistic",
+    ),
+    # The cropped-digit format ("format 2", 32 x 32); the paper's 64 x 64 crops
+    # of the full house-number photographs are not a TFDS data set (BUILD_NOTES).
+    "svhn_cropped": DatasetInfo(
+        splits={
+            "train": ("train_32x32", f"train[:{SVHN_VALID_START}]", slice(0, SVHN_VALID_START)),
+            "valid": ("train_32x32", f"train[{SVHN_VALID_START}:]", slice(SVHN_VALID_START, None)),
+            "test": ("test_32x32", "test", None),
+        },
+        binary=False,
+        default_binarize="none",
+        image_shape=(32, 32, 3),
+        local_format="svhn_mat",
+        default_likelihood="discretized_logistic",
     ),
 }
 _SPLIT_ALIASES = {"validation": "valid", "val": "valid"}
@@ -238,12 +280,110 @@ def _read_amat(path: str) -> np.ndarray:
     return out.reshape(-1, 28, 28, 1)
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numpy arrays, nothing else: a data
+    file cannot run code (CIFAR-10's official format is a pickle)."""
+
+    _ALLOWED: typing.ClassVar[set[tuple[str, str]]] = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),  # bytes, as Python 3 writes them at protocol 2
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+    }
+
+    def find_class(self, module: str, name: str) -> typing.Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not an array)")
+        return super().find_class(module, name)
+
+
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 python batch: a dict with b'data' uint8 [n, 3072] (the red,
+    green and blue planes of 32 x 32, row-major) and b'labels' [n] in 0..9."""
+    raw = _read_bytes(path)
+    try:
+        batch = _ArraysOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
+    except Exception as e:  # truncated, not a pickle, or not arrays
+        raise DataError(f"{path}: not a CIFAR-10 python batch ({type(e).__name__}: {e})") from e
+    if not isinstance(batch, dict):
+        raise DataError(f"{path}: a CIFAR-10 batch is a dict, this file holds a {type(batch).__name__}")
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    missing = [k for k in ("data", "labels") if k not in batch]
+    if missing:
+        raise DataError(f"{path}: no {' or '.join(missing)} entry (has {', '.join(map(str, batch))})")
+    data = np.asarray(batch["data"])
+    labels = np.asarray(batch["labels"])
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 32 * 32 * 3:
+        raise DataError(f"{path}: data is {data.dtype} {data.shape}, expected uint8 [n, 3072]")
+    if labels.shape != (data.shape[0],):
+        raise DataError(f"{path}: {labels.size} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise DataError(f"{path}: labels outside 0..9")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), labels.astype(np.int32)
+
+
+def _cifar_dir(data_dir: str) -> str:
+    nested = os.path.join(data_dir, "cifar-10-batches-py")
+    return nested if os.path.isdir(nested) else data_dir
+
+
+def _read_cifar(data_dir: str, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    folder = _cifar_dir(data_dir)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if stem == "data_batch" else [stem]
+    paths = [os.path.join(folder, n) for n in names]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(
+            f"missing CIFAR-10 file(s) {', '.join(missing)} (--data_dir={data_dir}; the python "
+            "version, cifar-10-python.tar.gz, extracted)"
+        )
+    parts = [_read_cifar_batch(p) for p in paths]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _read_svhn(data_dir: str, stem: str) -> tuple[np.ndarray, np.ndarray]:
+    """SVHN's cropped digits: a MATLAB file with X uint8 [32, 32, 3, n] and y [n, 1]
+    in 1..10 (10 is the digit 0)."""
+    import scipy.io  # a dependency of jax
+
+    path = os.path.join(data_dir, stem + ".mat")
+    if not os.path.isfile(path):
+        raise DataError(f"missing data file {path} (--data_dir={data_dir}; SVHN's {stem}.mat)")
+    try:
+        mat = scipy.io.loadmat(path)
+    except Exception as e:  # truncated, not a .mat, ...
+        raise DataError(f"{path}: not a readable MATLAB file ({type(e).__name__}: {e})") from e
+    if "X" not in mat or "y" not in mat:
+        raise DataError(
+            f"{path}: no X and y arrays (has {', '.join(k for k in mat if not k.startswith('__'))})"
+        )
+    x, y = np.asarray(mat["X"]), np.asarray(mat["y"]).reshape(-1)
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[:3] != (32, 32, 3):
+        raise DataError(f"{path}: X is {x.dtype} {x.shape}, expected uint8 [32, 32, 3, n]")
+    if y.shape != (x.shape[3],):
+        raise DataError(f"{path}: {y.size} labels for {x.shape[3]} images")
+    if y.size and (y.min() < 1 or y.max() > 10):
+        raise DataError(f"{path}: labels outside 1..10")
+    images = np.ascontiguousarray(x.transpose(3, 0, 1, 2))
+    return images, (y % 10).astype(np.int32)
+
+
 def _load_local(dataset: str, split: str, data_dir: str) -> Dataset:
     info = DATASETS[dataset]
     stem, _, part = info.splits[split]
     labels = None
-    if info.binary:
+    if info.local_format == "amat":
         images = _read_amat(_find_file(data_dir, stem, ".amat"))
+    elif info.local_format == "cifar_pickle":
+        images, labels = _read_cifar(data_dir, stem)
+    elif info.local_format == "svhn_mat":
+        images, labels = _read_svhn(data_dir, stem)
     else:
         image_file = _find_file(data_dir, stem, "-images-idx3-ubyte")
         images = _read_idx_images(image_file)
@@ -295,9 +435,9 @@ def _load_tfds(dataset: str, split: str, tfds_data_dir: str | None) -> Dataset:
     )
     if images.ndim == 3:
         images = images[..., None]
-    if images.shape[1:] != (28, 28, 1):
+    if images.shape[1:] != info.image_shape:
         raise DataError(
-            f"tfds {dataset}/{tfds_split}: images have shape {images.shape[1:]}, expected (28, 28, 1)"
+            f"tfds {dataset}/{tfds_split}: images have shape {images.shape[1:]}, expected {info.image_shape}"
         )
     binary = info.binary
     if binary and images.max(initial=0) > 1:
@@ -311,9 +451,11 @@ def load_split(
     """Loads one split into memory.
 
     Args:
-      dataset: 'binarized_mnist', 'mnist' or 'mnist_two_digits' (built from mnist's files).
+      dataset: 'binarized_mnist', 'mnist', 'mnist_two_digits' (built from mnist's
+        files), 'cifar10' or 'svhn_cropped'.
       split: 'train', 'valid' ('validation' too) or 'test'. For mnist, valid is
-        training images 50,000-59,999 and train the first 50,000.
+        training images 50,000-59,999 and train the first 50,000; for cifar10 and
+        svhn_cropped, valid is the last 5,000 training images.
       data_dir: a folder of local files; when given, TFDS is not used.
       tfds_data_dir: where TFDS keeps prepared data (its own default if None).
 

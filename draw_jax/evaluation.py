@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from draw_jax import data as data_lib
-from draw_jax.losses import bernoulli_nll, draw_bound
+from draw_jax.losses import draw_bound, reconstruction_nll
 from draw_jax.train_step import Params, apply_model
 
 __all__ = ["SplitEvaluator", "SplitResult", "eval_batches", "log_importance_weights"]
@@ -52,7 +52,7 @@ def log_importance_weights(model, x: jax.Array, key: jax.Array, k: int) -> jax.A
     def one(key):
         eps = model.noise(key, x.shape[0])
         out = model(x, eps=eps)
-        log_px = -bernoulli_nll(out.logits, x)  # [b]
+        log_px = -reconstruction_nll(out, x)  # [b]
         z = out.mu + jnp.exp(out.logsigma) * eps
         # log N(z; 0, 1) - log N(z; mu, sigma): the 0.5 log(2 pi) terms cancel.
         log_ratio = jnp.sum(-0.5 * jnp.square(z) + 0.5 * jnp.square(eps) + out.logsigma, axis=(0, 2))
@@ -102,7 +102,7 @@ class SplitEvaluator:
             model = apply_model(graphdef, params)
             out = model(x, bound_key)
             bound = draw_bound(out, x)
-            recon = bernoulli_nll(out.logits, x)
+            recon = reconstruction_nll(out, x)
             per = (bound.per_example, recon, bound.per_example - recon)
             if k > 0:
                 log_w = log_importance_weights(model, x, iw_key, k)

@@ -29,13 +29,16 @@ class DrawOutputs(NamedTuple):
     """What one pass over a batch returns.
 
     Attributes:
-      logits: [b, h, w, c] final canvas c_T; sigmoid(c_T) is the Bernoulli mean.
+      logits: [b, h, w, c] final canvas c_T; sigmoid(c_T) is the pixel mean
+        (the Bernoulli's p, or the discretised logistic's mean).
       canvases: [T, b, h, w, c] canvas c_t after each step.
       mu, logsigma: [T, b, z] the approximate posterior per step (eq. 1-2's Q).
       read_window, write_window: ``attention.Window`` of [T, b] arrays, or None
         for a variant without attention.
       gate_inputs: with ``gate_offsets``, the LSTMs' [input, h] per step:
         (encoder [T, b, in_e], decoder [T, b, in_d]); else None.
+      log_scale: [c] the learned pixel scale of a discretised-logistic model
+        (``likelihood='discretized_logistic'``); None for a Bernoulli one.
     """
 
     logits: jax.Array
@@ -45,6 +48,7 @@ class DrawOutputs(NamedTuple):
     read_window: attention.Window | None
     write_window: attention.Window | None
     gate_inputs: tuple[jax.Array, jax.Array] | None = None
+    log_scale: jax.Array | None = None
 
 
 class Generation(NamedTuple):
@@ -157,6 +161,10 @@ class DRAW(nnx.Module):
         self.cell_enc0 = nnx.Param(jnp.zeros((cfg.enc_size,), jnp.float32))
         self.h_dec0 = nnx.Param(jnp.zeros((cfg.dec_size,), jnp.float32))
         self.cell_dec0 = nnx.Param(jnp.zeros((cfg.dec_size,), jnp.float32))
+        if cfg.likelihood == "discretized_logistic":
+            # D's scale, one per channel, learned (IAF's VAE learns one for all);
+            # exp(-2) ~ 0.14 is a logistic of std ~0.25 on the [0, 1] range.
+            self.log_scale = nnx.Param(jnp.full((cfg.channels,), -2.0, jnp.float32))
 
     # -- pieces of one step -------------------------------------------------
 
@@ -310,7 +318,8 @@ class DRAW(nnx.Module):
             carry, stacked = jax.lax.scan(step, carry, xs)
         canvases, mu, logsigma, read_win, write_win = stacked[:5]
         gate_inputs = stacked[5] if gate_offsets is not None else None
-        return DrawOutputs(carry[0], canvases, mu, logsigma, read_win, write_win, gate_inputs)
+        log_scale = self.log_scale[...] if cfg.likelihood == "discretized_logistic" else None
+        return DrawOutputs(carry[0], canvases, mu, logsigma, read_win, write_win, gate_inputs, log_scale)
 
     def gate_offset_zeros(self, batch: int) -> tuple[jax.Array, jax.Array]:
         """The zeros ``__call__(..., gate_offsets=...)`` takes: (encoder [T, b, 4e], decoder [T, b, 4d])."""

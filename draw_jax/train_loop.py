@@ -31,6 +31,7 @@ from draw_jax import workdir as workdir_lib
 from draw_jax.checkpoint import Checkpointer
 from draw_jax.config import ConfigError, TrainConfig
 from draw_jax.evaluation import SplitEvaluator
+from draw_jax.losses import bits_per_dim
 from draw_jax.metrics import MetricAccumulator, MetricWriter, Progress, TrainingDiverged, write_json
 from draw_jax.parallel import Parallel
 
@@ -136,7 +137,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
         eval_images = held_out.images[: run.eval_examples or None]
         generate = jax.jit(lambda p, k: train_step.apply_model(graphdef, p).generate(k, 64).canvases[-1])
         bound_name = (
-            "bound" if cfg.data.binary_targets else "cross-entropy bound (grey targets: not a likelihood)"
+            "bound" if cfg.bound_is_likelihood else "cross-entropy bound (grey targets: not a likelihood)"
         )
         last_eval: dict[str, float] = {}
         last_train: dict[str, float] = {}
@@ -152,9 +153,11 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
                 writers[eval_split].scalars(step, {"bound": res.bound, "recon": res.recon, "kl": res.kl})
                 writers[eval_split].image(step, "samples", pictures.grid(samples, ncols=8))
                 writers[eval_split].flush()
+            bpd = bits_per_dim(res.bound, cfg.model.image_shape)
+            last_eval.update(bits_per_dim=bpd)
             logging.info(
-                "step %d  %s %s %.2f nats (recon %.2f + KL %.2f) on %d images",
-                step, eval_split, bound_name, res.bound, res.recon, res.kl, res.num_images,
+                "step %d  %s %s %.2f nats = %.3f bits/dim (recon %.2f + KL %.2f) on %d images",
+                step, eval_split, bound_name, res.bound, bpd, res.recon, res.kl, res.num_images,
             )  # fmt: skip
 
         def divergence_hint() -> str:

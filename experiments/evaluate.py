@@ -14,6 +14,7 @@ import os
 from absl import app, flags
 
 from draw_jax.evaluation import SplitEvaluator
+from draw_jax.losses import bits_per_dim
 from draw_jax.metrics import write_json
 from experiments import cli, common_flags
 
@@ -46,7 +47,8 @@ def main(argv: list[str]) -> None:
     res = evaluator(trained.params, split.images, seed=FLAGS.seed)
     k = res.num_importance_samples
     print(f"DRAW {source} step {trained.step} on {split.name}/{split.split} ({res.num_images} images)")
-    if data_cfg.binary_targets:
+    is_likelihood = trained.config.bound_is_likelihood
+    if is_likelihood:
         bound_label, iwae_label = "variational bound (nats)", f"IWAE estimate of -log p(x), k={k}"
     else:  # a Bernoulli loss on grey levels is a cross-entropy, not a likelihood
         print("  (grey targets, --binarize=none: cross-entropies, not likelihoods)")
@@ -55,6 +57,14 @@ def main(argv: list[str]) -> None:
     print(f"  {'  reconstruction':<44}{res.recon:10.2f}")
     print(f"  {'  KL':<44}{res.kl:10.2f}")
     print(f"  {iwae_label:<44}{res.iwae:10.2f}")
+    shape = trained.config.model.image_shape
+    bpd = {
+        "bound_bits_per_dim": bits_per_dim(res.bound, shape),
+        "iwae_bits_per_dim": bits_per_dim(res.iwae, shape),
+    }
+    if is_likelihood:  # the unit of colour benchmarks (CIFAR-10); nats per image above
+        print(f"  {'bound, bits per dimension':<44}{bpd['bound_bits_per_dim']:10.3f}")
+        print(f"  {'IWAE estimate, bits per dimension':<44}{bpd['iwae_bits_per_dim']:10.3f}")
     path = FLAGS.output
     if path is None and FLAGS.workdir is not None:
         path = os.path.join(FLAGS.workdir, f"eval_{split.split}_step{trained.step}_k{k}.json")
@@ -67,9 +77,10 @@ def main(argv: list[str]) -> None:
         "split": split.split,
         "seed": FLAGS.seed,
         "binarize": data_cfg.binarize,
-        "is_likelihood": data_cfg.binary_targets,
+        "is_likelihood": is_likelihood,
+        "likelihood": trained.config.model.likelihood,
     }
-    write_json(path, payload | dataclasses.asdict(res))
+    write_json(path, payload | dataclasses.asdict(res) | bpd)
     print(f"wrote {path}")
 
 

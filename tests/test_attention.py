@@ -161,6 +161,17 @@ def test_colour_reads_each_channel_through_the_same_window():
     np.testing.assert_allclose(rc, per_channel, rtol=1e-5, atol=1e-6)
 
 
+def test_colour_writes_each_channel_through_the_same_window():
+    patch = jax.random.normal(jax.random.key(0), (4, 5, 5, 3))
+    win = random_window(jax.random.key(1), 4, 20, 24, 5)
+    wc = attention.write(patch, win, height=20, width=24)
+    per_channel = jax.vmap(lambda pc: attention.write(pc, win, height=20, width=24), in_axes=-1, out_axes=-1)(
+        patch
+    )
+    assert wc.shape == (4, 20, 24, 3)
+    np.testing.assert_allclose(wc, per_channel, rtol=1e-5, atol=1e-6)
+
+
 def _enable_x64():
     """jax.enable_x64 (newer JAX), or jax.experimental.enable_x64 (the oldest JAX we support)."""
     if hasattr(jax, "enable_x64"):

@@ -91,6 +91,9 @@ def test_derivations_happen_in_the_config_not_the_command():
         ({"adam_b1": 1.0}, "--adam_b1 must be in [0, 1)"),
         ({"dataset": "cifar"}, "--dataset must be one of binarized_mnist, mnist"),
         ({"binarize": "dynamic"}, "does not apply to binarized_mnist"),
+        ({"likelihood": "discretized_logistic"}, "--likelihood=discretized_logistic models 8-bit pixel"),
+        ({"dataset": "mnist", "likelihood": "discretized_logistic"}, "with --binarize=dynamic gives binary"),
+        ({"likelihood": "gaussian"}, "--likelihood must be one of bernoulli, discretized_logistic"),
         ({"eval_split": "train"}, "--eval_split must be a held-out split"),
         ({"steps_per_call": 0}, "--steps_per_call must be a positive integer"),
         ({"num_epochs": 2, "num_steps": 10}, "give one run length"),
@@ -138,6 +141,18 @@ def test_presets_hold_the_papers_table_3():
     assert (two.model.T, two.model.enc_size, two.model.z_size, two.model.read_n, two.model.write_n) == (
         64, 256, 100, 5, 5,
     )  # fmt: skip
+    # Table 3's colour rows. SVHN: T=32, 800, z 100, read 12x12, write 12x12.
+    # CIFAR: T=64, 400, z 200, read 5x5, write 5x5. Both model 8-bit values.
+    for name, dataset, row in (
+        ("paper_svhn", "svhn_cropped", (32, 800, 800, 100, 12, 12)),
+        ("paper_cifar10", "cifar10", (64, 400, 400, 200, 5, 5)),
+    ):
+        cfg = build_config(name)
+        m = cfg.model
+        assert (m.T, m.enc_size, m.dec_size, m.z_size, m.read_n, m.write_n) == row
+        assert cfg.data.dataset == dataset and m.image_shape == (32, 32, 3)
+        assert m.likelihood == "discretized_logistic" and cfg.data.binarize == "none"
+        assert cfg.bound_is_likelihood
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -151,7 +166,7 @@ def test_every_preset_compiles_and_takes_a_finite_step(name):
     graphdef, params = train_step.init_model(cfg.model, seed=0)
     optimizer = train_step.make_optimizer(cfg.optim)
     state = train_step.create_train_state(params, optimizer)
-    step = train_step.make_train_step(graphdef, optimizer, binary=False, binarize="dynamic")
+    step = train_step.make_train_step(graphdef, optimizer, binary=False, binarize=cfg.data.binarize)
     images = np.random.default_rng(0).integers(0, 256, (2, *cfg.model.image_shape), dtype=np.uint8)
     state, metrics = step(state, images, jax.random.key(0))
     assert int(state.step) == 1 and np.isfinite(float(metrics["bound"])) and float(metrics["bound"]) > 0

@@ -31,3 +31,17 @@ def test_each_box_is_drawn_in_its_own_cell_around_its_window(ncols):
         red[pad + r * (h * scale + pad) : pad + r * (h * scale + pad) + h * scale].sum()
         for r in range(-(-m // ncols))
     )  # nothing drawn on the padding between rows
+
+
+def test_colour_pictures_keep_their_colours():
+    # Three channels pass through unchanged (grey ones are repeated to RGB).
+    red = np.zeros((2, 6, 5, 3), np.float32)
+    red[..., 0] = 1.0
+    tile = pictures.grid(red, ncols=2, pad=1)
+    assert tile.shape == (8, 13, 3)
+    np.testing.assert_array_equal(tile[1, 1], [255, 0, 0])
+    frames = pictures.frames_with_boxes(np.stack([red, red]), None, n=1, scale=2)
+    assert len(frames) == 2 and frames[0].shape[-1] == 3
+    np.testing.assert_array_equal(frames[1][1, 1], [255, 0, 0])
+    grey = pictures.grid(np.full((1, 4, 4, 1), 0.5, np.float32))
+    assert np.all(grey[1:5, 1:5] == grey[1, 1, 0])  # R = G = B
