@@ -46,7 +46,11 @@ class ClassifierRunConfig:
     """A classifier run: model, optimiser, data and schedule (what config.json holds)."""
 
     model: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
-    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(adam_b1=0.9))
+    optim: OptimConfig = dataclasses.field(
+        default_factory=lambda: OptimConfig(
+            learning_rate=1e-3, adam_b1=0.9, lr_schedule="constant", warmup_steps=0
+        )
+    )
     variant: str = "100x100"
     data_seed: int = 0
     data_dir: str | None = None

@@ -108,7 +108,7 @@ def time_interleaved(fn, calls: int, ref: MatmulReference) -> np.ndarray:
 
 def _build_step(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
     graphdef, params = train_step.init_model(cfg, seed=0)
-    optimizer = train_step.make_optimizer(OptimConfig())
+    optimizer = train_step.make_optimizer(OptimConfig(decay_steps=100_000))  # the default run's schedule
     state = train_step.create_train_state(params, optimizer)
     step = train_step.make_train_step(
         graphdef, optimizer, binary=True, binarize="none", jit=False, python_loop=python_loop

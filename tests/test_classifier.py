@@ -108,7 +108,9 @@ def test_classifier_overfits_a_small_batch_of_real_cluttered_images(mnist_dir):
     images, labels = cluttered.load("train", variant="60x60", data_dir=mnist_dir).batch(np.arange(32))
     model = _model(size=60, glimpses=4, hidden=64)
     graphdef, state = nnx.split(model)
-    optimizer = train_step.make_optimizer(OptimConfig(learning_rate=3e-3, adam_b1=0.9))
+    optimizer = train_step.make_optimizer(
+        OptimConfig(learning_rate=3e-3, adam_b1=0.9, lr_schedule="constant", warmup_steps=0)
+    )
     ts = train_step.create_train_state(nnx.to_pure_dict(state), optimizer)
     step = make_classifier_step(graphdef, optimizer)
     first = None

@@ -184,7 +184,9 @@ def test_small_model_overfits_real_binarized_mnist(binarized_train, attention_on
     )
     images = binarized_train.images[:256]
     graphdef, params = train_step.init_model(cfg, seed=0)
-    opt = train_step.make_optimizer(OptimConfig(learning_rate=3e-3, adam_b1=0.9))
+    opt = train_step.make_optimizer(
+        OptimConfig(learning_rate=3e-3, adam_b1=0.9, lr_schedule="constant", warmup_steps=0)
+    )
     state = train_step.create_train_state(params, opt)
     step = train_step.make_train_step(graphdef, opt, binary=True, binarize="none")
     bounds = []

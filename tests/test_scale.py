@@ -29,7 +29,9 @@ SHARDED_SCRIPT = textwrap.dedent(
     assert jax.device_count() == 4, jax.devices()
     cfg = DrawConfig(T=4, enc_size=32, dec_size=32, z_size=6, read_n=2, write_n=3)
     graphdef, params = train_step.init_model(cfg, 0)
-    opt = train_step.make_optimizer(OptimConfig())
+    # The ports' settings: a small constant rate that moves at step 0 (Adam's first step is
+    # ~lr per parameter, so rounding differences grow with lr).
+    opt = train_step.make_optimizer(OptimConfig(learning_rate=1e-3, adam_b1=0.5, lr_schedule="constant", warmup_steps=0))
     state = train_step.create_train_state(params, opt)
     images = np.random.default_rng(0).integers(0, 2, (16, 28, 28, 1)).astype(np.uint8)
     key = jax.random.key(5)
@@ -71,7 +73,7 @@ def test_bfloat16_compute_trains_and_stays_finite():
     cfg = DrawConfig(T=4, enc_size=32, dec_size=32, z_size=6, read_n=2, write_n=3, compute_dtype="bfloat16")
     graphdef, params = train_step.init_model(cfg, 0)
     assert all(leaf.dtype == np.float32 for leaf in jax.tree.leaves(params))  # parameters stay float32
-    opt = train_step.make_optimizer(OptimConfig(learning_rate=3e-3))
+    opt = train_step.make_optimizer(OptimConfig(learning_rate=3e-3, lr_schedule="constant", warmup_steps=0))
     state = train_step.create_train_state(params, opt)
     step = train_step.make_train_step(graphdef, opt, binary=True, binarize="none")
     images = np.random.default_rng(0).binomial(1, 0.15, (32, 28, 28, 1)).astype(np.uint8)

@@ -220,7 +220,9 @@ def test_extending_a_cosine_run_keeps_its_schedule(small_data, tmp_path):
     # and its last 4 steps run at the schedule's final rate; asking for another
     # schedule length in the same workdir is refused.
     workdir = str(tmp_path / "cos")
-    base = dict(lr_schedule="cosine", learning_rate=1e-2, final_lr_fraction=0.1, checkpoint_every=4)
+    base = dict(
+        lr_schedule="cosine", learning_rate=1e-2, final_lr_fraction=0.1, warmup_steps=0, checkpoint_every=4
+    )
     train_and_evaluate(tiny_config(small_data, num_steps=12, **base), workdir)
     res = train_and_evaluate(tiny_config(small_data, num_steps=16, **base), workdir)
     assert res["step"] == 16
