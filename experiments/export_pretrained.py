@@ -8,6 +8,7 @@ re-measure), then writes ``draw_jax/pretrained/<name>.npz`` and ``<name>.json``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from absl import app, flags
@@ -27,6 +28,12 @@ flags.DEFINE_integer("slice_size", 500, "Valid images in the slice the tests re-
 flags.DEFINE_integer("num_importance_samples", 0, "k for an IWAE figure on valid in the card (0: none).")
 flags.DEFINE_multi_string("note", [], "key=value lines for the card's notes (recipe, command, machine, ...).")
 flags.DEFINE_bool("overwrite", False, "Replace a released model of the same name.")
+flags.DEFINE_integer(
+    "previous_steps",
+    0,
+    "Steps its starting parameters had already been trained (a run started with --init_from): "
+    "the card records the total.",
+)
 
 FLAGS = flags.FLAGS
 
@@ -42,6 +49,11 @@ def main(argv: list[str]) -> None:
             raise cli.ConfigError(f"--note must be key=value, got {line!r}")
         notes[key] = value
     trained = load_trained(FLAGS.workdir, FLAGS.step)
+    if FLAGS.previous_steps < 0:
+        raise cli.ConfigError(f"--previous_steps must be >= 0, got {FLAGS.previous_steps}")
+    if FLAGS.previous_steps and trained.config.run.init_from is None:
+        raise cli.ConfigError(f"--previous_steps: {FLAGS.workdir} did not start from --init_from parameters")
+    trained = dataclasses.replace(trained, step=trained.step + FLAGS.previous_steps)
     data = trained.config.data
     split = data_lib.load_split(data.dataset, "valid", FLAGS.data_dir, data.tfds_data_dir)
     if not 1 <= FLAGS.slice_size <= len(split.images):
