@@ -99,7 +99,7 @@ class DrawConfig:
         "bernoulli",
         "D(x | c_T): bernoulli (binary pixels, the paper's eq. 9) or discretized_logistic (8-bit "
         "pixel values, with a learned scale per channel). Default: the data set's (bernoulli for "
-        "the MNIST sets, discretized_logistic for cifar10 and svhn_cropped).",
+        "the MNIST sets and binarised targets, discretized_logistic for cifar10 and svhn_cropped).",
         choices=LIKELIHOODS,
     )
 
@@ -436,7 +436,11 @@ def build_config(preset: str | None = None, **values: Any) -> TrainConfig:
         parts[names[name]][name] = value
     data = DataConfig(**parts["data"])
     height, width, channels = data_lib.DATASETS[data.dataset].image_shape
-    parts["model"].setdefault("likelihood", data_lib.DATASETS[data.dataset].default_likelihood)
+    # Binarised targets (--binarize=dynamic on a colour set) get the Bernoulli unless asked otherwise.
+    default_likelihood = (
+        "bernoulli" if data.binary_targets else data_lib.DATASETS[data.dataset].default_likelihood
+    )
+    parts["model"].setdefault("likelihood", default_likelihood)
     model = DrawConfig(height=height, width=width, channels=channels, **parts["model"])
     if chosen.get("init_from") is not None:
         model = _model_of_released(chosen["init_from"], model, given={**values, **parts["model"]})

@@ -153,6 +153,9 @@ def test_presets_hold_the_papers_table_3():
         assert cfg.data.dataset == dataset and m.image_shape == (32, 32, 3)
         assert m.likelihood == "discretized_logistic" and cfg.data.binarize == "none"
         assert cfg.bound_is_likelihood
+    # Binarised colour targets default to the Bernoulli; grey targets under it are no likelihood.
+    assert build_config("paper_cifar10", binarize="dynamic").model.likelihood == "bernoulli"
+    assert not build_config("paper_cifar10", likelihood="bernoulli").bound_is_likelihood
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
