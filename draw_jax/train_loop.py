@@ -161,10 +161,13 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
             )  # fmt: skip
 
         def divergence_hint() -> str:
-            return (
-                f"The last good checkpoint (step {checkpoints.latest_step()}) is kept in {checkpoints.directory}. "
-                "Try a lower --learning_rate or --clip_norm, or --kl_warmup_steps."
+            last = checkpoints.latest_step()
+            kept = (
+                f"The last good checkpoint (step {last}) is kept in {checkpoints.directory}."
+                if last is not None
+                else "No checkpoint was written before it diverged; a rerun starts over."
             )
+            return f"{kept} Try a lower --learning_rate or --clip_norm, or --kl_warmup_steps."
 
         acc, progress = MetricAccumulator(), Progress(start, run.num_steps, batch_size)
         t_start, compiled = time.time(), False

@@ -157,6 +157,15 @@ def test_divergence_stops_with_message_and_keeps_last_good_checkpoint(small_data
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(restored.params))
 
 
+def test_divergence_before_any_checkpoint_says_so(small_data, tmp_path):
+    cfg = tiny_config(
+        small_data, num_steps=20, checkpoint_every=20, log_every=1, learning_rate=1e30, clip_norm=0.0,
+        warmup_steps=0,
+    )  # fmt: skip
+    with pytest.raises(TrainingDiverged, match="No checkpoint was written before it diverged"):
+        train_and_evaluate(cfg, str(tmp_path / "early"))
+
+
 def test_workdir_of_a_different_run_is_refused(small_data, tmp_path):
     cfg = tiny_config(small_data, num_steps=4, checkpoint_every=0)
     workdir = str(tmp_path / "w")
