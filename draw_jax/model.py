@@ -22,7 +22,16 @@ from jax.ad_checkpoint import checkpoint_name
 from draw_jax import attention
 from draw_jax.config import DrawConfig
 
-__all__ = ["DRAW", "DrawConfig", "DrawOutputs", "Generation", "LSTMCell", "hoisted_kernel_gradient"]
+__all__ = [
+    "DRAW",
+    "DrawConfig",
+    "DrawOutputs",
+    "Generation",
+    "LSTMCell",
+    "dot_general_f32",
+    "hoisted_kernel_gradient",
+    "low_precision_matmul",
+]
 
 
 class DrawOutputs(NamedTuple):
@@ -58,6 +67,48 @@ class Generation(NamedTuple):
     write_window: attention.Window | None
 
 
+def dot_general_f32(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Array:
+    """``jax.lax.dot_general`` that accumulates and returns float32, whatever the operands.
+
+    Every layer's matmul goes through it. With float32 operands it is the plain
+    product; with ``compute_dtype='bfloat16'`` it is a native bfloat16 x bfloat16
+    -> float32 matmul. A bfloat16-out product instead is upcast to float32 by
+    XLA's CPU backend, with converts around it (2.4x slower than this one there;
+    BUILD_NOTES.md, "Speed").
+    """
+    kwargs["preferred_element_type"] = jnp.float32
+    return jax.lax.dot_general(lhs, rhs, *args, **kwargs)
+
+
+@jax.custom_vjp
+def low_precision_matmul(u: jax.Array, kernel: jax.Array, kernel_t: jax.Array) -> jax.Array:
+    """u [b, i] (float32) @ kernel [i, o] (e.g. bfloat16) -> [b, o] float32, both ways in kernel's dtype.
+
+    ``kernel_t`` is ``kernel.T`` laid out [o, i] (made once, outside the loop).
+    Autodiff of a bfloat16 x bfloat16 -> float32 product would give a float32 x
+    bfloat16 input gradient contracting the kernel's second axis, which XLA's
+    CPU backend upcasts (converting the kernel to float32 on every call; 2.6x
+    slower than the native product). Here the backward pass casts the gradient
+    to the kernel's dtype and multiplies by ``kernel_t``: a native
+    low-precision matmul too. The kernels get no gradient (their caller takes
+    it after the loop, ``hoisted_kernel_gradient``).
+    """
+    return jnp.dot(u.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+
+
+def _low_precision_matmul_fwd(u, kernel, kernel_t):
+    return low_precision_matmul(u, kernel, kernel_t), (kernel, kernel_t)
+
+
+def _low_precision_matmul_bwd(res, g):
+    kernel, kernel_t = res
+    du = jnp.dot(g.astype(kernel_t.dtype), kernel_t, preferred_element_type=jnp.float32)
+    return du, jnp.zeros_like(kernel), jnp.zeros_like(kernel_t)
+
+
+low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
+
+
 # Name of the LSTM gate pre-activations, the only per-step values the train
 # step's backward pass keeps (``DRAW.__call__``).
 LSTM_GATES = "lstm_gates"
@@ -79,6 +130,7 @@ class LSTMCell(nnx.Module):
             dtype=dtype,
             param_dtype=jnp.float32,
             bias_init=lambda *_: bias,
+            dot_general=dot_general_f32,
             rngs=rngs,
         )
 
@@ -89,7 +141,11 @@ class LSTMCell(nnx.Module):
         return self._update(cell, gates)
 
     def tapped(
-        self, state: tuple[jax.Array, jax.Array], inputs: jax.Array, gate_offset: jax.Array
+        self,
+        state: tuple[jax.Array, jax.Array],
+        inputs: jax.Array,
+        gate_offset: jax.Array,
+        kernel: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
         """The same step with the kernel's gradient left to the caller.
 
@@ -98,16 +154,23 @@ class LSTMCell(nnx.Module):
         ``gate_offset`` is the gate gradient g, and the caller forms W's gradient
         sum_t u_t^T g_t itself (``hoisted_kernel_gradient``).
 
+        ``kernel``: (W, W^T) already cast to a lower compute dtype (bfloat16),
+        outside the loop. The product and its input gradient g W^T then both run
+        as native bfloat16 x bfloat16 -> float32 matmuls (``low_precision_matmul``).
+
         Returns:
           ((h, cell), u [b, in + hidden]) with u outside the gradient.
         """
         h, cell = state
         u = jnp.concatenate([inputs.astype(h.dtype), h], axis=-1)
         layer = self.gates
-        kernel = jax.lax.stop_gradient(layer.kernel[...])
-        dtype = layer.dtype or jnp.float32
-        gates = jnp.dot(u.astype(dtype), kernel.astype(dtype)) + layer.bias[...].astype(dtype)
-        gates = gates + gate_offset.astype(dtype)
+        if kernel is None:
+            kernel = jax.lax.stop_gradient(layer.kernel[...])
+            dtype = layer.dtype or jnp.float32
+            gates = jnp.dot(u.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+        else:
+            gates = low_precision_matmul(u, *jax.lax.stop_gradient(kernel))
+        gates = gates + layer.bias[...] + gate_offset
         return self._update(cell, gates), jax.lax.stop_gradient(u)
 
     def _update(self, cell: jax.Array, gates: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -130,7 +193,9 @@ class DRAW(nnx.Module):
         dtype = jnp.dtype(cfg.compute_dtype)
 
         def linear(i: int, o: int) -> nnx.Linear:
-            return nnx.Linear(i, o, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+            return nnx.Linear(
+                i, o, dtype=dtype, param_dtype=jnp.float32, dot_general=dot_general_f32, rngs=rngs
+            )
 
         self.encoder = LSTMCell(cfg.read_size + cfg.dec_size, cfg.enc_size, dtype=dtype, rngs=rngs)
         self.decoder = LSTMCell(cfg.z_size, cfg.dec_size, dtype=dtype, rngs=rngs)
@@ -145,6 +210,7 @@ class DRAW(nnx.Module):
                 dtype=dtype,
                 param_dtype=jnp.float32,
                 bias_init=lambda *_: bias,
+                dot_general=dot_general_f32,
                 rngs=rngs,
             )
 
@@ -215,6 +281,7 @@ class DRAW(nnx.Module):
         x: jax.Array,
         eps: jax.Array,
         gate_offsets: tuple[jax.Array, jax.Array] | None = None,
+        kernels: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[_Carry, tuple]:
         """One DRAW step, eq. 3-8.
 
@@ -224,6 +291,8 @@ class DRAW(nnx.Module):
           eps: [b, z] standard normal noise for the reparameterised sample.
           gate_offsets: (encoder [b, 4e], decoder [b, 4d]) zeros to take the LSTM
             kernels' gradients outside the loop (``LSTMCell.tapped``), or None.
+          kernels: with ``gate_offsets`` and a bfloat16 compute dtype, the
+            (encoder, decoder) LSTM kernels as (W, W^T), cast once before the loop.
 
         Returns:
           (new carry, (c_t, mu_t, logsigma_t, read window, write window)), and
@@ -236,14 +305,16 @@ class DRAW(nnx.Module):
         if gate_offsets is None:
             h_enc, cell_enc = self.encoder((h_enc, cell_enc), enc_in)  # eq. 5
         else:
-            (h_enc, cell_enc), u_enc = self.encoder.tapped((h_enc, cell_enc), enc_in, gate_offsets[0])
+            k_enc = None if kernels is None else kernels[0]
+            (h_enc, cell_enc), u_enc = self.encoder.tapped((h_enc, cell_enc), enc_in, gate_offsets[0], k_enc)
         mu = self.to_mu(h_enc).astype(jnp.float32)  # eq. 1-2 (Q's mean)
         logsigma = self.to_logsigma(h_enc).astype(jnp.float32)
         z = mu + jnp.exp(logsigma) * eps  # eq. 6, reparameterised
         if gate_offsets is None:
             h_dec, cell_dec = self.decoder((h_dec, cell_dec), z)  # eq. 7
         else:
-            (h_dec, cell_dec), u_dec = self.decoder.tapped((h_dec, cell_dec), z, gate_offsets[1])
+            k_dec = None if kernels is None else kernels[1]
+            (h_dec, cell_dec), u_dec = self.decoder.tapped((h_dec, cell_dec), z, gate_offsets[1], k_dec)
         update, write_win = self._write(h_dec)
         canvas = canvas + update  # eq. 8
         out = (canvas, mu, logsigma, read_win, write_win)
@@ -300,10 +371,18 @@ class DRAW(nnx.Module):
             eps = self.noise(key, x.shape[0])
         carry = self.initial_carry(x.shape[0])
         xs = (eps, gate_offsets)  # None (no offsets) is an empty pytree to scan
+        kernels = None
+        dtype = jnp.dtype(cfg.compute_dtype)
+        if gate_offsets is not None and dtype != jnp.float32:
+            # Cast once here, not on every step (and every step's backward) inside the loop.
+            kernels = tuple(
+                (k, k.T.copy())
+                for k in (c.gates.kernel[...].astype(dtype) for c in (self.encoder, self.decoder))
+            )
         if python_loop:
             outs = []
             for t in range(cfg.T):
-                carry, out = self.step(carry, x, *jax.tree.map(lambda a, t=t: a[t], xs))
+                carry, out = self.step(carry, x, *jax.tree.map(lambda a, t=t: a[t], xs), kernels=kernels)
                 outs.append(out)
             stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         else:
@@ -312,7 +391,7 @@ class DRAW(nnx.Module):
             # ops; a few percent of the FLOPs): far fewer per-step buffers to
             # stack and unstack, 0.88x the step time on the paper config (CPU).
             step = jax.checkpoint(
-                lambda c, xs_t: self.step(c, x, *xs_t),
+                lambda c, xs_t: self.step(c, x, *xs_t, kernels=kernels),
                 policy=jax.checkpoint_policies.save_only_these_names(LSTM_GATES),
             )
             carry, stacked = jax.lax.scan(step, carry, xs)
@@ -355,15 +434,19 @@ class DRAW(nnx.Module):
         return Generation(canvases, wins)
 
 
-def hoisted_kernel_gradient(gate_inputs: jax.Array, gate_grads: jax.Array) -> jax.Array:
+def hoisted_kernel_gradient(
+    gate_inputs: jax.Array, gate_grads: jax.Array, dtype: jnp.dtype = jnp.float32
+) -> jax.Array:
     """An LSTM kernel's gradient over all steps at once: sum_t u_t^T g_t.
 
     Args:
       gate_inputs: u [T, b, in + hidden] (``DrawOutputs.gate_inputs``).
       gate_grads: g [T, b, 4 hidden], the gradient with respect to the gate offsets.
+      dtype: the operands' dtype (the model's compute dtype); the sum is float32.
 
     Returns:
       [in + hidden, 4 hidden] float32: one [in, T b] x [T b, 4h] product instead
       of T thin [in, b] x [b, 4h] ones accumulated inside the backward loop.
     """
-    return jnp.einsum("tbi,tbj->ij", gate_inputs, gate_grads, preferred_element_type=jnp.float32)
+    u, g = gate_inputs.astype(dtype), gate_grads.astype(dtype)
+    return jnp.einsum("tbi,tbj->ij", u, g, preferred_element_type=jnp.float32)
