@@ -28,6 +28,7 @@ __all__ = [
     "DrawOutputs",
     "Generation",
     "LSTMCell",
+    "LoopConstants",
     "dot_general_f32",
     "hoisted_kernel_gradient",
     "low_precision_matmul",
@@ -45,7 +46,8 @@ class DrawOutputs(NamedTuple):
       read_window, write_window: ``attention.Window`` of [T, b] arrays, or None
         for a variant without attention.
       gate_inputs: with ``gate_offsets``, the LSTMs' [input, h] per step:
-        (encoder [T, b, in_e], decoder [T, b, in_d]); else None.
+        (encoder [T, b, in_e], decoder [T, b, in_d]); else None. Without read
+        attention the encoder's leaves x out ([x_hat, h^dec, h^enc]).
       log_scale: [c] the learned pixel scale of a discretised-logistic model
         (``likelihood='discretized_logistic'``); None for a Bernoulli one.
     """
@@ -109,6 +111,20 @@ def _low_precision_matmul_bwd(res, g):
 low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
+class LoopConstants(NamedTuple):
+    """What the hoisted-gradient loop computes once, before its first step.
+
+    Attributes:
+      kernels: ((W_enc, W_enc^T), (W_dec, W_dec^T)) in a low compute dtype
+        (bfloat16), for ``low_precision_matmul``; None in float32.
+      x_gates: [b, 4e] without read attention, x's share of the encoder gates,
+        x W_x (x is the same at every step); None with read attention.
+    """
+
+    kernels: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
+    x_gates: jax.Array | None = None
+
+
 # Name of the LSTM gate pre-activations, the only per-step values the train
 # step's backward pass keeps (``DRAW.__call__``).
 LSTM_GATES = "lstm_gates"
@@ -146,6 +162,7 @@ class LSTMCell(nnx.Module):
         inputs: jax.Array,
         gate_offset: jax.Array,
         kernel: tuple[jax.Array, jax.Array] | None = None,
+        const_gates: jax.Array | None = None,
     ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
         """The same step with the kernel's gradient left to the caller.
 
@@ -158,6 +175,11 @@ class LSTMCell(nnx.Module):
         outside the loop. The product and its input gradient g W^T then both run
         as native bfloat16 x bfloat16 -> float32 matmuls (``low_precision_matmul``).
 
+        ``const_gates`` [b, 4 hidden]: the gates' share of a leading part of the
+        input that is the same at every step, computed once by the caller;
+        ``inputs`` then holds only the rest, and W's first rows (that part's) are
+        left out here (and out of ``kernel``, if given).
+
         Returns:
           ((h, cell), u [b, in + hidden]) with u outside the gradient.
         """
@@ -166,11 +188,14 @@ class LSTMCell(nnx.Module):
         layer = self.gates
         if kernel is None:
             kernel = jax.lax.stop_gradient(layer.kernel[...])
+            kernel = kernel[kernel.shape[0] - u.shape[-1] :]  # without a constant part's rows
             dtype = layer.dtype or jnp.float32
             gates = jnp.dot(u.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
         else:
             gates = low_precision_matmul(u, *jax.lax.stop_gradient(kernel))
         gates = gates + layer.bias[...] + gate_offset
+        if const_gates is not None:
+            gates = gates + const_gates
         return self._update(cell, gates), jax.lax.stop_gradient(u)
 
     def _update(self, cell: jax.Array, gates: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -281,7 +306,7 @@ class DRAW(nnx.Module):
         x: jax.Array,
         eps: jax.Array,
         gate_offsets: tuple[jax.Array, jax.Array] | None = None,
-        kernels: tuple[jax.Array, jax.Array] | None = None,
+        consts: LoopConstants | None = None,
     ) -> tuple[_Carry, tuple]:
         """One DRAW step, eq. 3-8.
 
@@ -291,8 +316,8 @@ class DRAW(nnx.Module):
           eps: [b, z] standard normal noise for the reparameterised sample.
           gate_offsets: (encoder [b, 4e], decoder [b, 4d]) zeros to take the LSTM
             kernels' gradients outside the loop (``LSTMCell.tapped``), or None.
-          kernels: with ``gate_offsets`` and a bfloat16 compute dtype, the
-            (encoder, decoder) LSTM kernels as (W, W^T), cast once before the loop.
+          consts: with ``gate_offsets``, what the loop computed once
+            (``LoopConstants``): cast kernels, x's share of the encoder gates.
 
         Returns:
           (new carry, (c_t, mu_t, logsigma_t, read window, write window)), and
@@ -300,21 +325,29 @@ class DRAW(nnx.Module):
         """
         canvas, h_enc, cell_enc, h_dec, cell_dec = carry
         x_hat = x - jax.nn.sigmoid(canvas)  # eq. 3
-        r, read_win = self._read(x, x_hat, h_dec)  # eq. 4
-        enc_in = jnp.concatenate([r, h_dec.astype(r.dtype)], -1)
+        consts = consts or LoopConstants()
+        kernels = consts.kernels or (None, None)
+        if consts.x_gates is not None:
+            # No read attention, r = [x, x_hat]: x's share of the gates was taken
+            # once before the loop, so only [x_hat, h^dec] enters here.
+            read_win = None
+            enc_in = jnp.concatenate([x_hat.reshape(x.shape[0], -1), h_dec], -1)
+        else:
+            r, read_win = self._read(x, x_hat, h_dec)  # eq. 4
+            enc_in = jnp.concatenate([r, h_dec.astype(r.dtype)], -1)
         if gate_offsets is None:
             h_enc, cell_enc = self.encoder((h_enc, cell_enc), enc_in)  # eq. 5
         else:
-            k_enc = None if kernels is None else kernels[0]
-            (h_enc, cell_enc), u_enc = self.encoder.tapped((h_enc, cell_enc), enc_in, gate_offsets[0], k_enc)
+            (h_enc, cell_enc), u_enc = self.encoder.tapped(
+                (h_enc, cell_enc), enc_in, gate_offsets[0], kernels[0], consts.x_gates
+            )
         mu = self.to_mu(h_enc).astype(jnp.float32)  # eq. 1-2 (Q's mean)
         logsigma = self.to_logsigma(h_enc).astype(jnp.float32)
         z = mu + jnp.exp(logsigma) * eps  # eq. 6, reparameterised
         if gate_offsets is None:
             h_dec, cell_dec = self.decoder((h_dec, cell_dec), z)  # eq. 7
         else:
-            k_dec = None if kernels is None else kernels[1]
-            (h_dec, cell_dec), u_dec = self.decoder.tapped((h_dec, cell_dec), z, gate_offsets[1], k_dec)
+            (h_dec, cell_dec), u_dec = self.decoder.tapped((h_dec, cell_dec), z, gate_offsets[1], kernels[1])
         update, write_win = self._write(h_dec)
         canvas = canvas + update  # eq. 8
         out = (canvas, mu, logsigma, read_win, write_win)
@@ -371,18 +404,11 @@ class DRAW(nnx.Module):
             eps = self.noise(key, x.shape[0])
         carry = self.initial_carry(x.shape[0])
         xs = (eps, gate_offsets)  # None (no offsets) is an empty pytree to scan
-        kernels = None
-        dtype = jnp.dtype(cfg.compute_dtype)
-        if gate_offsets is not None and dtype != jnp.float32:
-            # Cast once here, not on every step (and every step's backward) inside the loop.
-            kernels = tuple(
-                (k, k.T.copy())
-                for k in (c.gates.kernel[...].astype(dtype) for c in (self.encoder, self.decoder))
-            )
+        consts = self._loop_constants(x) if gate_offsets is not None else LoopConstants()
         if python_loop:
             outs = []
             for t in range(cfg.T):
-                carry, out = self.step(carry, x, *jax.tree.map(lambda a, t=t: a[t], xs), kernels=kernels)
+                carry, out = self.step(carry, x, *jax.tree.map(lambda a, t=t: a[t], xs), consts=consts)
                 outs.append(out)
             stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         else:
@@ -391,7 +417,7 @@ class DRAW(nnx.Module):
             # ops; a few percent of the FLOPs): far fewer per-step buffers to
             # stack and unstack, 0.88x the step time on the paper config (CPU).
             step = jax.checkpoint(
-                lambda c, xs_t: self.step(c, x, *xs_t, kernels=kernels),
+                lambda c, xs_t: self.step(c, x, *xs_t, consts=consts),
                 policy=jax.checkpoint_policies.save_only_these_names(LSTM_GATES),
             )
             carry, stacked = jax.lax.scan(step, carry, xs)
@@ -399,6 +425,51 @@ class DRAW(nnx.Module):
         gate_inputs = stacked[5] if gate_offsets is not None else None
         log_scale = self.log_scale[...] if cfg.likelihood == "discretized_logistic" else None
         return DrawOutputs(carry[0], canvases, mu, logsigma, read_win, write_win, gate_inputs, log_scale)
+
+    def _image_rows(self) -> int:
+        """Rows of the encoder kernel that multiply x itself: h w c without read attention, else 0."""
+        cfg = self.config
+        return 0 if cfg.read_attention else cfg.height * cfg.width * cfg.channels
+
+    def _loop_constants(self, x: jax.Array) -> LoopConstants:
+        """The hoisted-gradient loop's ``LoopConstants`` for images x [b, h, w, c]."""
+        dtype = jnp.dtype(self.config.compute_dtype)
+        n_x = self._image_rows()
+        w_enc = jax.lax.stop_gradient(self.encoder.gates.kernel[...])
+        w_dec = jax.lax.stop_gradient(self.decoder.gates.kernel[...])
+        x_gates = None
+        if n_x:
+            x_flat = x.reshape(x.shape[0], -1).astype(dtype)
+            x_gates = jnp.dot(x_flat, w_enc[:n_x].astype(dtype), preferred_element_type=jnp.float32)
+        kernels = None
+        if dtype != jnp.float32:
+            # Cast once here, not on every step (and every step's backward) inside the loop.
+            kernels = tuple((k, k.T.copy()) for k in (w_enc[n_x:].astype(dtype), w_dec.astype(dtype)))
+        return LoopConstants(kernels, x_gates)
+
+    def kernel_gradients(
+        self, x: jax.Array, gate_inputs: tuple[jax.Array, jax.Array], gate_grads: tuple[jax.Array, jax.Array]
+    ) -> tuple[jax.Array, jax.Array]:
+        """The (encoder, decoder) LSTM kernels' gradients, formed after the loop.
+
+        Args:
+          x: [b, h, w, c] the images the outputs came from.
+          gate_inputs: ``DrawOutputs.gate_inputs`` (u_enc [T, b, .], u_dec [T, b, .]).
+          gate_grads: the gradients with respect to the gate offsets, [T, b, 4e] and [T, b, 4d].
+
+        Returns:
+          Each kernel's gradient sum_t u_t^T g_t (``hoisted_kernel_gradient``).
+          Without read attention, the encoder's rows for x (the same at every
+          step) are x^T (sum_t g_t): one [hwc, b] x [b, 4e] product, not T of them.
+        """
+        dtype = jnp.dtype(self.config.compute_dtype)
+        enc = hoisted_kernel_gradient(gate_inputs[0], gate_grads[0], dtype)
+        if self._image_rows():
+            x_flat = x.reshape(x.shape[0], -1).astype(dtype)
+            g_sum = jnp.sum(gate_grads[0], axis=0).astype(dtype)
+            x_rows = jnp.dot(x_flat.T, g_sum, preferred_element_type=jnp.float32)
+            enc = jnp.concatenate([x_rows, enc], axis=0)
+        return enc, hoisted_kernel_gradient(gate_inputs[1], gate_grads[1], dtype)
 
     def gate_offset_zeros(self, batch: int) -> tuple[jax.Array, jax.Array]:
         """The zeros ``__call__(..., gate_offsets=...)`` takes: (encoder [T, b, 4e], decoder [T, b, 4d])."""

@@ -172,8 +172,11 @@ def gate_matmul_bound(cfg: DrawConfig, batch_size: int) -> dict:
     train step at those in-scan rates (an estimate of the floor under the
     step time; in context XLA may run a product somewhat faster or slower).
     """
+    # Without read attention the image's own rows are multiplied once per image,
+    # outside the loop (``DRAW.kernel_gradients``); the loop's product leaves them out.
+    in_loop_read = cfg.read_size if cfg.read_attention else cfg.read_size // 2
     shapes = {
-        "encoder": (batch_size, cfg.read_size + cfg.dec_size + cfg.enc_size, 4 * cfg.enc_size),
+        "encoder": (batch_size, in_loop_read + cfg.dec_size + cfg.enc_size, 4 * cfg.enc_size),
         "decoder": (batch_size, cfg.z_size + cfg.dec_size, 4 * cfg.dec_size),
     }
     total_s, total_flops, rates = 0.0, 0.0, {}

@@ -24,7 +24,7 @@ from flax import nnx
 from draw_jax import data as data_lib
 from draw_jax.config import DrawConfig, OptimConfig
 from draw_jax.losses import Bound, draw_bound
-from draw_jax.model import DRAW, hoisted_kernel_gradient
+from draw_jax.model import DRAW
 
 __all__ = [
     "Params",
@@ -152,14 +152,14 @@ def _gradients(graphdef, params, x, key, kl_weight, python_loop=False, hoist=Tru
         bound = draw_bound(outputs, x, kl_weight)
         return bound.loss, (bound, outputs.gate_inputs)
 
-    dtype = jnp.dtype(model.config.compute_dtype)
     offsets = model.gate_offset_zeros(x.shape[0])
     (grads, gate_grads), (bound, gate_inputs) = jax.grad(tapped_loss, argnums=(0, 1), has_aux=True)(
         params, offsets
     )
     grads = dict(grads)
-    for name, u, g in zip(("encoder", "decoder"), gate_inputs, gate_grads, strict=True):
-        grads[name] = {"gates": {**grads[name]["gates"], "kernel": hoisted_kernel_gradient(u, g, dtype)}}
+    kernels = model.kernel_gradients(x, gate_inputs, gate_grads)
+    for name, kernel in zip(("encoder", "decoder"), kernels, strict=True):
+        grads[name] = {"gates": {**grads[name]["gates"], "kernel": kernel}}
     return grads, bound
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -9,8 +10,11 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from draw_jax import model as model_lib
 from draw_jax import profiling, train_step
 from draw_jax.config import DrawConfig, OptimConfig
 from draw_jax.presets import PRESETS
@@ -84,6 +88,52 @@ def test_bfloat16_compute_trains_and_stays_finite():
     assert np.all(np.isfinite(bounds))
     assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(state.params))
     assert np.mean(bounds[-5:]) < bounds[0] - 100
+
+
+def test_low_precision_matmul_value_and_input_gradient():
+    # Forward: the float32 product of the bfloat16-rounded operands. Backward:
+    # the float32 gradient rounded to bfloat16, times W^T; the kernels get none.
+    ku, kw, kg = jax.random.split(jax.random.key(0), 3)
+    u = jax.random.normal(ku, (8, 24))
+    w = jax.random.normal(kw, (24, 40)).astype(jnp.bfloat16)
+    g = jax.random.normal(kg, (8, 40))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    out, vjp = jax.vjp(model_lib.low_precision_matmul, u, w, w.T)
+    assert out.dtype == jnp.float32
+    expected = f32(u.astype(jnp.bfloat16)) @ f32(w)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    du, dw, dwt = vjp(g)
+    np.testing.assert_allclose(du, f32(g.astype(jnp.bfloat16)) @ f32(w).T, rtol=1e-5, atol=1e-5)
+    # ... which is the float32 gradient to bfloat16 precision.
+    np.testing.assert_allclose(du, g @ f32(w).T, rtol=0, atol=2e-2 * float(jnp.max(jnp.abs(g @ f32(w).T))))
+    assert not np.any(np.asarray(f32(dw))) and not np.any(np.asarray(f32(dwt)))
+
+
+@pytest.mark.parametrize("attention", [True, False], ids=["attention", "no_attention"])
+def test_bfloat16_gradients_after_the_loop_match_autodiff(attention):
+    # The bfloat16 mode's hoisted step (bf16 gate matmuls both ways, kernels'
+    # gradients after the loop) against plain autodiff of the same bf16 model,
+    # and against the float32 model: equal to bfloat16 precision, not further.
+    cfg = DrawConfig(T=5, enc_size=32, dec_size=32, z_size=6, read_n=2, write_n=3, compute_dtype="bfloat16")
+    if not attention:
+        cfg = dataclasses.replace(cfg, read_attention=False, write_attention=False)
+    graphdef, params = train_step.init_model(cfg, 0)
+    graphdef32, _ = train_step.init_model(dataclasses.replace(cfg, compute_dtype="float32"), 0)
+    x = jnp.asarray(np.random.default_rng(1).binomial(1, 0.2, (6, 28, 28, 1)), jnp.float32)
+    key = jax.random.key(2)
+    hoisted, hb = train_step._gradients(graphdef, params, x, key, 1.0, hoist=True)
+    plain, pb = train_step._gradients(graphdef, params, x, key, 1.0, hoist=False)
+    exact, eb = train_step._gradients(graphdef32, params, x, key, 1.0, hoist=False)
+    np.testing.assert_allclose(hb.loss, pb.loss, rtol=2e-3)
+    np.testing.assert_allclose(hb.loss, eb.loss, rtol=2e-2)
+    for reference, tol in ((plain, 0.05), (exact, 0.1)):
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(reference), jax.tree.leaves(hoisted), strict=True
+        ):
+            scale = float(jnp.max(jnp.abs(a))) + 1e-6
+            np.testing.assert_allclose(b, a, rtol=0, atol=tol * scale, err_msg=jax.tree_util.keystr(path))
+    kernel = hoisted["encoder"]["gates"]["kernel"]
+    assert float(jnp.max(jnp.abs(kernel))) > 0
 
 
 def test_benchmark_emits_every_field(tmp_path):
