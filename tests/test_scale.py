@@ -182,3 +182,28 @@ def test_flops_per_step_is_affine_in_T():
     cfg = DrawConfig(T=6, enc_size=16, dec_size=16, z_size=4)
     unrolled = profiling.xla_flops(profiling.compile_seconds(cfg, 8, python_loop=True)[1])
     np.testing.assert_allclose(profiling.flops_per_step(cfg, 8), unrolled, rtol=0.03)
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ROOT, ".git")), reason="needs the git checkout")
+def test_speed_comparison_against_a_commit_runs_the_same_step(tmp_path):
+    # experiments.compare_speed extracts draw_jax at a commit under another name
+    # and times it against the working tree in one process. Against HEAD (the
+    # same code in a clean checkout, as CI runs it) both compute the same step.
+    out = tmp_path / "cmp.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.compare_speed", "--base=HEAD", "--configs=tiny", "--rounds=2",
+         "--steps_per_call=2", "--batch_size=10", f"--json={out}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["config"] == "tiny" and len(record["base_ms"]) == len(record["new_ms"]) == 2
+    assert record["median_ratio"] > 0 and np.isfinite(record["median_ratio"])
+    if not subprocess.run(["git", "status", "--porcelain", "draw_jax"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip():  # fmt: skip
+        assert record["max_bound_diff_first_call"] == 0 and record["max_param_diff_first_call"] == 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "experiments.compare_speed", "--base=no-such-revision"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "--base=no-such-revision is not a commit" in bad.stderr
