@@ -128,9 +128,10 @@ class OptimConfig:
 
     Defaults: the recipe search's winner (BUILD_NOTES.md, "The default recipe"):
     lr 6e-3 peak, beta1 0.9, 100 warm-up steps, cosine decay to 0.1x over the
-    run. The popular ports' settings (ericjang/draw: lr 1e-3, beta1 0.5,
-    constant) are ``--learning_rate=1e-3 --adam_b1=0.5 --lr_schedule=constant
-    --warmup_steps=0``.
+    run, KL weight warmed up over the first 300 steps. The popular ports'
+    settings (ericjang/draw: lr 1e-3, beta1 0.5, constant, no KL warm-up) are
+    ``--learning_rate=1e-3 --adam_b1=0.5 --lr_schedule=constant
+    --warmup_steps=0 --kl_warmup_steps=0``.
     """
 
     learning_rate: float = setting(6e-3, "Adam step size (peak of the schedule).")
@@ -151,7 +152,9 @@ class OptimConfig:
     )
     final_lr_fraction: float = setting(0.1, "Cosine schedule's final rate, as a fraction of the peak.")
     kl_warmup_steps: int = setting(
-        0, "Linear KL-weight warm-up steps (0 = the paper's objective throughout)."
+        300,
+        "Linear KL-weight warm-up steps: the KL term's weight rises from 1/N to 1 over the first N "
+        "steps (0 = the paper's objective throughout). Reported bounds are always unweighted.",
     )
 
     def __post_init__(self) -> None:
