@@ -156,6 +156,11 @@ class OptimConfig:
         "Linear KL-weight warm-up steps: the KL term's weight rises from 1/N to 1 over the first N "
         "steps (0 = the paper's objective throughout). Reported bounds are always unweighted.",
     )
+    ema_decay: float = setting(
+        0.0,
+        "Keep an exponential moving average of the parameters with this decay (0 = none) and "
+        "evaluate, sample and release it; the raw parameters' bound is logged beside it.",
+    )
 
     def __post_init__(self) -> None:
         if not self.learning_rate > 0:
@@ -171,6 +176,8 @@ class OptimConfig:
             raise ConfigError(f"--decay_steps must be >= 1, got {self.decay_steps}")
         if not 0 <= self.final_lr_fraction <= 1:
             raise ConfigError(f"--final_lr_fraction must be in [0, 1], got {self.final_lr_fraction}")
+        if not 0 <= self.ema_decay < 1:
+            raise ConfigError(f"--ema_decay must be in [0, 1) (0 = no average), got {self.ema_decay}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,11 +318,17 @@ class TrainConfig:
 
         0.1 called ``model.compute_dtype`` ``model.dtype`` and had no
         ``run.num_epochs``; their workdirs still load, evaluate and resume.
+        Optimiser settings added since are absent from older files and read as
+        what those runs did (no KL warm-up, no parameter average), not as
+        today's defaults.
         """
         d = {part: dict(values) for part, values in d.items()}
         model = d.get("model", {})
         if "dtype" in model and "compute_dtype" not in model:
             model["compute_dtype"] = model.pop("dtype")
+        if "optim" in d:
+            for name, before in _OPTIM_SINCE_ADDED.items():
+                d["optim"].setdefault(name, before)
         try:
             return cls(**{part: klass(**d[part]) for part, klass in _PARTS.items()})
         except (KeyError, TypeError) as e:
@@ -358,6 +371,11 @@ class TrainConfig:
         for where in ("data_dir", "tfds_data_dir", "device_data"):  # same images, same batches
             d["data"].pop(where)
         return d
+
+
+# Optimiser settings added after the first config.json files were written, and
+# the value that reproduces what a run without the setting did.
+_OPTIM_SINCE_ADDED = {"kl_warmup_steps": 0, "ema_decay": 0.0}
 
 
 def _check_choice(cfg: Any, name: str) -> None:

@@ -95,7 +95,8 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
 
     graphdef, params = train_step.init_model(cfg.model, run.seed)
     optimizer = train_step.make_optimizer(cfg.optim)
-    state = train_step.create_train_state(params, optimizer)
+    keep_average = cfg.optim.ema_decay > 0
+    state = train_step.create_train_state(params, optimizer, ema=keep_average)
     with contextlib.ExitStack() as stack:
         checkpoints = stack.enter_context(Checkpointer(workdir, keep=run.keep_checkpoints))
         if checkpoints.latest_step() is not None:
@@ -103,7 +104,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
             logging.info("resumed from %s at step %d", checkpoints.directory, int(state.step))
         elif run.init_from is not None:
             released = pretrained.load(run.init_from)
-            state = train_step.create_train_state(released.params, optimizer)
+            state = train_step.create_train_state(released.params, optimizer, ema=keep_average)
             logging.info(
                 "starting from the released model %s (trained %d steps)", run.init_from, released.step
             )
@@ -115,7 +116,10 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
             logging.info("already at step %d of --num_steps=%d: nothing to train", start, run.num_steps)
 
         step_kwargs = dict(
-            binary=train.binary, binarize=cfg.data.binarize, kl_warmup_steps=cfg.optim.kl_warmup_steps
+            binary=train.binary,
+            binarize=cfg.data.binarize,
+            kl_warmup_steps=cfg.optim.kl_warmup_steps,
+            ema_decay=cfg.optim.ema_decay,
         )
         common = dict(batch_size=batch_size, seed=run.seed, base_key=train_key(run.seed), parallel=parallel)
         if cfg.data.device_data:
@@ -143,21 +147,31 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
         last_train: dict[str, float] = {}
 
         def evaluate(step: int) -> None:
-            res = evaluator(state.params, eval_images, seed=run.seed + _EVAL_STREAM)
+            # The run's model is its parameter average when it keeps one; the raw
+            # parameters' bound is measured beside it (what the average gained).
+            params = train_step.eval_params(state)
+            res = evaluator(params, eval_images, seed=run.seed + _EVAL_STREAM)
             last_eval.update(
                 bound=res.bound, recon=res.recon, kl=res.kl, step=step, num_images=res.num_images
             )
+            scalars = {"bound": res.bound, "recon": res.recon, "kl": res.kl}
+            if keep_average:
+                raw = evaluator(state.params, eval_images, seed=run.seed + _EVAL_STREAM)
+                last_eval.update(bound_raw_params=raw.bound)
+                scalars["bound_raw_params"] = raw.bound
             if is_chief:
                 key = jax.random.fold_in(jax.random.key(run.seed), _SAMPLE_STREAM)
-                samples = np.asarray(jax.nn.sigmoid(generate(state.params, key)))
-                writers[eval_split].scalars(step, {"bound": res.bound, "recon": res.recon, "kl": res.kl})
+                samples = np.asarray(jax.nn.sigmoid(generate(params, key)))
+                writers[eval_split].scalars(step, scalars)
                 writers[eval_split].image(step, "samples", pictures.grid(samples, ncols=8))
                 writers[eval_split].flush()
             bpd = bits_per_dim(res.bound, cfg.model.image_shape)
             last_eval.update(bits_per_dim=bpd)
             logging.info(
-                "step %d  %s %s %.2f nats = %.3f bits/dim (recon %.2f + KL %.2f) on %d images",
+                "step %d  %s %s %.2f nats = %.3f bits/dim (recon %.2f + KL %.2f) on %d images%s",
                 step, eval_split, bound_name, res.bound, bpd, res.recon, res.kl, res.num_images,
+                f" (parameter average; raw parameters {last_eval['bound_raw_params']:.2f})"
+                if keep_average else "",
             )  # fmt: skip
 
         def divergence_hint() -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "TrainState",
     "apply_model",
     "create_train_state",
+    "eval_params",
     "init_model",
     "make_optimizer",
     "make_train_step",
@@ -76,11 +77,34 @@ class TrainState:
       step: int32 scalar, optimiser steps taken.
       params: the DRAW parameters as a nested dict of float32 arrays.
       opt_state: optax state for ``params``.
+      ema: the exponential moving average of ``params`` over the steps taken
+        (``OptimConfig.ema_decay``; already bias-corrected, see ``update_ema``),
+        or None when the run keeps none.
     """
 
     step: jax.Array
     params: Params
     opt_state: optax.OptState
+    ema: Params | None = None
+
+
+def eval_params(state: TrainState) -> Params:
+    """The parameters a run is evaluated, sampled and released with: the average if it keeps one."""
+    return state.params if state.ema is None else state.ema
+
+
+def update_ema(ema: Params, params: Params, step: jax.Array, decay: float) -> Params:
+    """The moving average after update number ``step`` (1, 2, ...) has produced ``params``.
+
+    The zero-started average m_s = decay m_{s-1} + (1 - decay) p_s divided by its
+    weight 1 - decay^s (Adam's bias correction), kept in that corrected form:
+    ema_s = ema_{s-1} + r_s (p_s - ema_{s-1}) with r_s = (1 - decay) / (1 - decay^s).
+    r_1 = 1, so the first update replaces whatever ``ema`` started as.
+    """
+    step = step.astype(jnp.float32)
+    rate = (1.0 - decay) / (1.0 - jnp.power(jnp.float32(decay), step))
+    rate = jnp.where(step <= 1, 1.0, rate)  # exactly 1, not 1 - rounding, at the first update
+    return optax.tree.update_moment(params, ema, 1.0 - rate, 1)
 
 
 def init_model(config: DrawConfig, seed: int) -> tuple[nnx.GraphDef, Params]:
@@ -90,8 +114,16 @@ def init_model(config: DrawConfig, seed: int) -> tuple[nnx.GraphDef, Params]:
     return graphdef, nnx.to_pure_dict(state)
 
 
-def create_train_state(params: Params, optimizer: optax.GradientTransformation) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+def create_train_state(
+    params: Params, optimizer: optax.GradientTransformation, *, ema: bool = False
+) -> TrainState:
+    """Step 0 at ``params``; ``ema``: also keep a moving average of the parameters (starting at them)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=optimizer.init(params),
+        ema=jax.tree.map(jnp.copy, params) if ema else None,
+    )
 
 
 def apply_model(graphdef: nnx.GraphDef, params: Params) -> DRAW:
@@ -112,6 +144,7 @@ def make_train_step(
     binary: bool,
     binarize: str,
     kl_warmup_steps: int = 0,
+    ema_decay: float = 0.0,
     batch_sharding: jax.sharding.Sharding | None = None,
     jit: bool = True,
     python_loop: bool = False,
@@ -121,10 +154,11 @@ def make_train_step(
 
     ``images`` is a uint8 batch [b, h, w, c] as the data pipeline yields it;
     binarisation happens inside the step with a key split from ``key``.
+    With ``ema_decay`` > 0 the state must carry an average (``create_train_state(ema=True)``).
     """
 
     train_step = _train_step_fn(
-        graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding, python_loop, hoist
+        graphdef, optimizer, binary, binarize, kl_warmup_steps, ema_decay, batch_sharding, python_loop, hoist
     )
     return jax.jit(train_step, donate_argnums=0) if jit else train_step
 
@@ -164,9 +198,22 @@ def _gradients(graphdef, params, x, key, kl_weight, python_loop=False, hoist=Tru
 
 
 def _train_step_fn(
-    graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding=None, python_loop=False, hoist=True
+    graphdef,
+    optimizer,
+    binary,
+    binarize,
+    kl_warmup_steps,
+    ema_decay=0.0,
+    batch_sharding=None,
+    python_loop=False,
+    hoist=True,
 ):
     def train_step(state: TrainState, images: jax.Array, key: jax.Array):
+        if (state.ema is None) != (ema_decay <= 0):
+            raise ValueError(
+                f"ema_decay={ema_decay} but the train state {'has no' if state.ema is None else 'has an'} "
+                "average: create it with create_train_state(..., ema=ema_decay > 0)"
+            )
         if batch_sharding is not None:  # data parallel: each device takes its slice
             images = jax.lax.with_sharding_constraint(images, batch_sharding)
         data_key, model_key = jax.random.split(key)
@@ -176,6 +223,8 @@ def _train_step_fn(
         grads, bound = _gradients(graphdef, state.params, x, model_key, kl_weight, python_loop, hoist)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        step = state.step + 1
+        ema = None if state.ema is None else update_ema(state.ema, params, step, ema_decay)
         metrics = {
             "bound": jnp.mean(bound.per_example),
             "recon": bound.recon,
@@ -184,7 +233,7 @@ def _train_step_fn(
             "grad_norm": optax.tree.norm(grads),
             "kl_weight": kl_weight,
         }
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=step, params=params, opt_state=opt_state, ema=ema), metrics
 
     return train_step
 
@@ -199,6 +248,7 @@ def make_device_train_step(
     steps_per_epoch: int,
     steps_per_call: int = 1,
     kl_warmup_steps: int = 0,
+    ema_decay: float = 0.0,
     batch_sharding: jax.sharding.Sharding | None = None,
     hoist: bool = True,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
@@ -217,7 +267,7 @@ def make_device_train_step(
     Returns (state, metrics), each metric stacked over the steps of the call.
     """
     one_step = _train_step_fn(
-        graphdef, optimizer, binary, binarize, kl_warmup_steps, batch_sharding, hoist=hoist
+        graphdef, optimizer, binary, binarize, kl_warmup_steps, ema_decay, batch_sharding, hoist=hoist
     )
 
     def multi_step(state: TrainState, images: jax.Array, perms: jax.Array, first_epoch: jax.Array, base_key):

@@ -100,7 +100,11 @@ def check_same_run(config: TrainConfig, previous: TrainConfig | None, workdir: s
 
 @dataclasses.dataclass(frozen=True)
 class Trained:
-    """A finished (or interrupted) run's model: config, graph, parameters, step."""
+    """A finished (or interrupted) run's model: config, graph, parameters, step.
+
+    ``params`` are the ones the run evaluated with: its parameter average if it
+    kept one (``--ema_decay``), else its parameters.
+    """
 
     config: TrainConfig
     graphdef: nnx.GraphDef
@@ -118,9 +122,14 @@ def load_trained(workdir: str, step: int | None = None) -> Trained:
     """
     config = load_config(workdir)
     graphdef, params = train_step.init_model(config.model, seed=0)
-    like = train_step.create_train_state(params, train_step.make_optimizer(config.optim))
+    like = train_step.create_train_state(
+        params, train_step.make_optimizer(config.optim), ema=config.optim.ema_decay > 0
+    )
     with Checkpointer(workdir, read_only=True) as checkpoints:
         restored = checkpoints.restore(like, step)
     return Trained(
-        config=config, graphdef=graphdef, params=restored.params, step=int(jax.device_get(restored.step))
+        config=config,
+        graphdef=graphdef,
+        params=train_step.eval_params(restored),
+        step=int(jax.device_get(restored.step)),
     )

@@ -89,6 +89,7 @@ def test_derivations_happen_in_the_config_not_the_command():
         ({"read_n": 0}, "--read_n (glimpse size) must be a positive integer"),
         ({"compute_dtype": "float16"}, "--compute_dtype must be one of float32, bfloat16"),
         ({"adam_b1": 1.0}, "--adam_b1 must be in [0, 1)"),
+        ({"ema_decay": 1.0}, "--ema_decay must be in [0, 1) (0 = no average)"),
         ({"dataset": "cifar"}, "--dataset must be one of binarized_mnist, mnist"),
         ({"binarize": "dynamic"}, "does not apply to binarized_mnist"),
         ({"likelihood": "discretized_logistic"}, "--likelihood=discretized_logistic models 8-bit pixel"),
@@ -126,6 +127,18 @@ def test_a_version_0_1_config_json_still_loads():
     old["model"]["dtype"] = old["model"].pop("compute_dtype")  # 0.1's name for it
     del old["run"]["num_epochs"]  # 0.1 had no such setting
     assert TrainConfig.from_dict(old) == cfg
+
+
+def test_optimiser_settings_newer_than_a_config_json_read_as_what_that_run_did():
+    # A run written before KL warm-up and the parameter average existed had
+    # neither, whatever today's defaults are: reading it with the defaults
+    # would resume it with a different objective or a checkpoint it never had.
+    cfg = build_config(kl_warmup_steps=0, ema_decay=0.0).resolve(500)
+    old = cfg.to_dict()
+    del old["optim"]["kl_warmup_steps"], old["optim"]["ema_decay"]
+    assert TrainConfig.from_dict(old) == cfg
+    newer = build_config(kl_warmup_steps=7, ema_decay=0.5).resolve(500)
+    assert TrainConfig.from_dict(newer.to_dict()) == newer
 
 
 def test_presets_hold_the_papers_table_3():

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -17,6 +18,7 @@ from draw_jax import train_step
 from draw_jax.checkpoint import Checkpointer
 from draw_jax.config import ConfigError, TrainConfig, build_config
 from draw_jax.train_loop import TrainingDiverged, train_and_evaluate
+from draw_jax.workdir import load_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--preset=tiny"]
@@ -53,7 +55,9 @@ def run_cli(module: str, *args: str, ok: bool = True) -> subprocess.CompletedPro
 def final_params(workdir: str, config: TrainConfig):
     _, params = train_step.init_model(config.model, 0)
     config = config.resolve(10**6)  # the schedule's length does not change the state's structure
-    like = train_step.create_train_state(params, train_step.make_optimizer(config.optim))
+    like = train_step.create_train_state(
+        params, train_step.make_optimizer(config.optim), ema=config.optim.ema_decay > 0
+    )
     with Checkpointer(workdir) as checkpoints:
         return checkpoints.restore(like)
 
@@ -111,21 +115,51 @@ def test_train_command_writes_everything_then_evaluate_and_sample(small_data, tm
     assert open(f"{pics}/samples.png", "rb").read() == before
 
 
-@pytest.mark.parametrize("device_data", [True, False])
-def test_resume_gives_the_same_run_as_uninterrupted(small_data, tmp_path, device_data):
-    # Interrupt after 12 steps, restart the same command: same parameters and
-    # optimiser state after 24 steps as a run that was never interrupted.
-    cfg = tiny_config(small_data, num_steps=24, device_data=device_data)
+@pytest.mark.parametrize("device_data,ema_decay", [(True, 0.0), (False, 0.0), (True, 0.9)])
+def test_resume_gives_the_same_run_as_uninterrupted(small_data, tmp_path, device_data, ema_decay):
+    # Interrupt after 12 steps, restart the same command: same parameters,
+    # optimiser state (and parameter average) after 24 steps as a run that was
+    # never interrupted.
+    settings = dict(device_data=device_data, ema_decay=ema_decay)
+    cfg = tiny_config(small_data, num_steps=24, **settings)
     straight = str(tmp_path / "straight")
     res_a = train_and_evaluate(cfg, straight)
     interrupted = str(tmp_path / "interrupted")
-    train_and_evaluate(tiny_config(small_data, num_steps=12, device_data=device_data), interrupted)
+    train_and_evaluate(tiny_config(small_data, num_steps=12, **settings), interrupted)
     res_b = train_and_evaluate(cfg, interrupted)
     a, b = final_params(straight, cfg), final_params(interrupted, cfg)
     assert int(a.step) == int(b.step) == 24
+    assert (a.ema is None) == (ema_decay == 0)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     np.testing.assert_allclose(res_a["train"]["bound"], res_b["train"]["bound"], rtol=1e-6)
+
+
+def test_update_ema_is_the_bias_corrected_average_of_the_steps_parameters():
+    # After updates 1..k produced p_1..p_k: sum_s d^(k-s) (1-d) p_s / (1 - d^k),
+    # whatever the average started as (the first update replaces it).
+    d, rng = 0.8, np.random.default_rng(0)
+    ps = [{"w": rng.normal(size=(3, 2)).astype(np.float32)} for _ in range(6)]
+    ema = {"w": np.full((3, 2), 1e3, np.float32)}
+    for s, p in enumerate(ps, start=1):
+        ema = train_step.update_ema(ema, p, jnp.asarray(s), d)
+        weights = np.array([d ** (s - r) * (1 - d) for r in range(1, s + 1)]) / (1 - d**s)
+        want = sum(w * q["w"] for w, q in zip(weights, ps[:s], strict=True))
+        np.testing.assert_allclose(np.asarray(ema["w"]), want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_with_a_parameter_average_evaluates_and_releases_the_average(small_data, tmp_path):
+    workdir = str(tmp_path / "run")
+    cfg = tiny_config(small_data, num_steps=16, eval_every=16, ema_decay=0.9)
+    results = train_and_evaluate(cfg, workdir)
+    state = final_params(workdir, cfg)
+    trained = load_trained(workdir)
+    pairs = list(zip(jax.tree.leaves(state.ema), jax.tree.leaves(state.params), strict=True))
+    for got, (ema, _) in zip(jax.tree.leaves(trained.params), pairs, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ema))
+    assert any(not np.allclose(ema, raw) for ema, raw in pairs)
+    valid = results["valid"]
+    assert np.isfinite(valid["bound_raw_params"]) and valid["bound_raw_params"] != valid["bound"]
 
 
 def test_device_resident_batches_equal_host_batches(small_data, tmp_path):
