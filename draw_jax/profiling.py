@@ -124,37 +124,46 @@ def compile_seconds(cfg: DrawConfig, batch_size: int, python_loop: bool = False)
     return time.perf_counter() - t0, compiled, state, images
 
 
-def scan_matmul_seconds(rows: int, inner: int, cols: int, length: int, reps: int = 5) -> dict[str, float]:
-    """Seconds per product of the three matmuls of a [rows, inner] x [inner, cols] layer inside a scan.
+def scan_matmul_seconds(
+    rows: int, inner: int, cols: int, length: int, reps: int = 5, dtype: str = "float32"
+) -> dict[str, float]:
+    """Seconds per product of the three matmuls of a [rows, inner] x [inner, cols] layer, as the step runs them.
 
-    The train step's gate matmuls run inside the T-step ``lax.scan``: forward
-    ``x @ W``, input gradient ``g @ W^T`` and weight gradient ``W += x^T g``.
-    Each form is timed alone in a scan of ``length`` trips over fresh [rows, .]
-    inputs (the first two stack their outputs, as the scan does; the third
-    accumulates), median over ``reps`` calls. Together with the FLOP count
-    this estimates a floor under the step: the time its gate matmuls take,
-    compiled as XLA compiles the step's own, if nothing else took any.
+    The train step's gate matmuls: forward ``u @ W`` and input gradient
+    ``g @ W^T`` inside the T-step ``lax.scan`` (each timed alone in a scan of
+    ``length`` trips over fresh [rows, .] inputs, stacking its outputs as the
+    scan does), and the weight gradient once after the loop as one
+    [inner, length rows] x [length rows, cols] product
+    (``model.hoisted_kernel_gradient``; reported per trip, i.e. divided by
+    ``length``). ``dtype`` is the compute dtype: in bfloat16 the operands are
+    bfloat16 with float32 results, and W^T is laid out [cols, inner] once
+    (``model.low_precision_matmul``). Median over ``reps`` calls. Together
+    with the FLOP count this estimates a floor under the step: the time its
+    gate matmuls take if nothing else took any.
     """
     key = jax.random.key(0)
-    w = jax.random.normal(key, (inner, cols), jnp.float32) / np.sqrt(inner)
-    xs = jax.random.normal(key, (length, rows, inner), jnp.float32)
-    gs = jax.random.normal(key, (length, rows, cols), jnp.float32)
+    dt = jnp.dtype(dtype)
+    w = (jax.random.normal(key, (inner, cols), jnp.float32) / np.sqrt(inner)).astype(dt)
+    w_t = jnp.asarray(w.T)  # materialised: the step's bf16 backward reads W^T laid out [cols, inner]
+    xs = jax.random.normal(key, (length, rows, inner), jnp.float32).astype(dt)
+    gs = jax.random.normal(key, (length, rows, cols), jnp.float32).astype(dt)
+
+    def dot(a, b):
+        return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
     def forward(w, xs):
-        return jax.lax.scan(lambda c, x: (c, x @ w), 0.0, xs)[1]
+        return jax.lax.scan(lambda c, x: (c, dot(x, w)), 0.0, xs)[1]
 
-    def input_grad(w, gs):
-        return jax.lax.scan(lambda c, g: (c, g @ w.T), 0.0, gs)[1]
+    def input_grad(w_t, gs):
+        return jax.lax.scan(lambda c, g: (c, dot(g, w_t)), 0.0, gs)[1]
 
     def weight_grad(xs, gs):
-        return jax.lax.scan(
-            lambda acc, xg: (acc + xg[0].T @ xg[1], None), jnp.zeros((inner, cols)), (xs, gs)
-        )[0]
+        return jnp.einsum("tbi,tbj->ij", xs, gs, preferred_element_type=jnp.float32)
 
     out = {}
     for name, f, args in (
         ("forward", forward, (w, xs)),
-        ("input_grad", input_grad, (w, gs)),
+        ("input_grad", input_grad, (w_t, gs)),
         ("weight_grad", weight_grad, (xs, gs)),
     ):
         compiled = jax.jit(f).lower(*args).compile()
@@ -164,7 +173,7 @@ def scan_matmul_seconds(rows: int, inner: int, cols: int, length: int, reps: int
 
 
 def gate_matmul_bound(cfg: DrawConfig, batch_size: int) -> dict:
-    """The step's LSTM gate matmuls measured alone (``scan_matmul_seconds``).
+    """The step's LSTM gate matmuls measured alone (``scan_matmul_seconds``), in its compute dtype.
 
     Returns the FLOP/s of each form for the encoder's shape, the gate
     matmuls' FLOPs per step, and ``gate_matmul_ms_per_step``: the time both
@@ -181,7 +190,7 @@ def gate_matmul_bound(cfg: DrawConfig, batch_size: int) -> dict:
     }
     total_s, total_flops, rates = 0.0, 0.0, {}
     for name, (rows, inner, cols) in shapes.items():
-        seconds = scan_matmul_seconds(rows, inner, cols, cfg.T)
+        seconds = scan_matmul_seconds(rows, inner, cols, cfg.T, dtype=cfg.compute_dtype)
         flops = 2.0 * rows * inner * cols
         total_s += cfg.T * sum(seconds.values())
         total_flops += 3 * cfg.T * flops

@@ -9,8 +9,9 @@ timed in the same run on the same device, sampled between the timed calls
 matmul ([batch, read + dec + enc] x [read + dec + enc, 4 enc]).
 
 ``gate_matmul_ms_per_step`` is what the LSTM gate matmuls alone take per
-step (forward, input- and weight-gradient products timed in a T-trip scan at
-the step's shapes); with ``gate_matmul_flop_share`` it bounds how close the
+step, in its compute dtype (forward and input-gradient products timed in a
+T-trip scan at the step's shapes, the weight gradient as the one product after
+the loop that the step forms); with ``gate_matmul_flop_share`` it bounds how close the
 whole step can get to the reference matmuls.
 
 The timed step is the one ``python -m experiments.train`` runs by default: the
