@@ -128,10 +128,11 @@ class OptimConfig:
 
     Defaults: the recipe search's winner (BUILD_NOTES.md, "The default recipe"):
     lr 6e-3 peak, beta1 0.9, 100 warm-up steps, cosine decay to 0.1x over the
-    run, KL weight warmed up over the first 300 steps. The popular ports'
-    settings (ericjang/draw: lr 1e-3, beta1 0.5, constant, no KL warm-up) are
-    ``--learning_rate=1e-3 --adam_b1=0.5 --lr_schedule=constant
-    --warmup_steps=0 --kl_warmup_steps=0``.
+    run, KL weight warmed up over the first 300 steps, and the run evaluated
+    (and released) with its parameters' moving average of decay 0.995. The
+    popular ports' settings (ericjang/draw: lr 1e-3, beta1 0.5, constant, no
+    KL warm-up, no average) are ``--learning_rate=1e-3 --adam_b1=0.5
+    --lr_schedule=constant --warmup_steps=0 --kl_warmup_steps=0 --ema_decay=0``.
     """
 
     learning_rate: float = setting(6e-3, "Adam step size (peak of the schedule).")
@@ -157,7 +158,7 @@ class OptimConfig:
         "steps (0 = the paper's objective throughout). Reported bounds are always unweighted.",
     )
     ema_decay: float = setting(
-        0.0,
+        0.995,
         "Keep an exponential moving average of the parameters with this decay (0 = none) and "
         "evaluate, sample and release it; the raw parameters' bound is logged beside it.",
     )
