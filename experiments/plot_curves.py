@@ -67,9 +67,13 @@ def main(argv: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for c in curves:
-        ax.plot(c["steps"], c["bounds"], marker="o", markersize=3, label=c["label"])
+    many = len(curves) > 8  # then the legend goes beside the axes, not over the curves
+    fig, ax = plt.subplots(figsize=(11 if many else 7, 4.2), dpi=120)
+    styles = ["-", "--", ":"]  # matplotlib's 10 colours repeat; a new line style with them
+    for i, c in enumerate(curves):
+        ax.plot(
+            c["steps"], c["bounds"], marker="o", markersize=3, label=c["label"], linestyle=styles[i // 10 % 3]
+        )
     ax.axhline(80.97, color="grey", linestyle="--", linewidth=1, label="paper, attention: 80.97")
     ax.axhline(87.40, color="grey", linestyle=":", linewidth=1, label="paper, no attention: 87.40")
     ax.set_ylim(75, FLAGS.ymax)
@@ -77,7 +81,10 @@ def main(argv: list[str]) -> None:
     ax.set_ylabel("valid bound (nats)")
     ax.set_title("Binarized MNIST, T=64, valid split")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     fig.savefig(FLAGS.output)
