@@ -52,6 +52,15 @@ def train_key(seed: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), _TRAIN_STREAM)
 
 
+def _is_interrupt(e: BaseException) -> bool:
+    """Ctrl-C, also when it landed inside a C call that re-raised it as a SystemError.
+
+    (numpy's dtype machinery reports "returned a result with an exception set"
+    with the KeyboardInterrupt as its cause when the signal arrives mid-call.)
+    """
+    return isinstance(e, KeyboardInterrupt) or isinstance(e.__cause__ or e.__context__, KeyboardInterrupt)
+
+
 def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and prev // every != now // every
 
@@ -215,7 +224,9 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
                 if _crossed(prev, step, run.eval_every) or last:
                     evaluate(step)
                     progress.restart(step)  # evaluation time is not training time
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemError) as e:
+            if not _is_interrupt(e):
+                raise
             saved = checkpoints.latest_step()
             if saved is None:
                 raise TrainingInterrupted(

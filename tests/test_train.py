@@ -339,3 +339,20 @@ def test_grey_mnist_defaults_run_and_evaluate_honestly(shared_data, tmp_path):
     assert "not likelihoods" in out and "IWAE estimate of -log p(x)" not in out
     ev = json.load(open(glob.glob(f"{workdir}/eval_valid_*.json")[0]))
     assert ev["is_likelihood"] is False and ev["num_images"] == 10_000
+
+
+def test_ctrl_c_inside_a_c_call_is_still_an_interrupt():
+    # A SIGINT landing inside numpy's dtype machinery surfaces as SystemError
+    # ("returned a result with an exception set") caused by the KeyboardInterrupt:
+    # it must end the run like any Ctrl-C, not as a traceback. Other SystemErrors stay errors.
+    from draw_jax.train_loop import _is_interrupt
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as cause:
+            raise SystemError("returned a result with an exception set") from cause
+    except SystemError as e:
+        assert _is_interrupt(e)
+    assert _is_interrupt(KeyboardInterrupt())
+    assert not _is_interrupt(SystemError("something else"))
