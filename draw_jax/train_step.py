@@ -33,9 +33,11 @@ __all__ = [
     "create_train_state",
     "eval_params",
     "init_model",
+    "learning_rate_schedule",
     "make_optimizer",
     "make_train_step",
     "make_device_train_step",
+    "update_ema",
 ]
 
 Params = dict[str, Any]
