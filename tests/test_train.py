@@ -135,6 +135,41 @@ def test_resume_gives_the_same_run_as_uninterrupted(small_data, tmp_path, device
     np.testing.assert_allclose(res_a["train"]["bound"], res_b["train"]["bound"], rtol=1e-6)
 
 
+def test_a_workdir_from_before_the_parameter_average_resumes_and_loads(small_data, tmp_path):
+    # Workdirs written before TrainState.ema and the KL warm-up existed have
+    # neither in config.json nor "ema" in their checkpoints. They load, and
+    # resume to the same run as one never interrupted.
+    cfg = tiny_config(small_data, num_steps=24, kl_warmup_steps=0, ema_decay=0.0)
+    straight = str(tmp_path / "straight")
+    train_and_evaluate(cfg, straight)
+    old = str(tmp_path / "old")
+    train_and_evaluate(tiny_config(small_data, num_steps=12, kl_warmup_steps=0, ema_decay=0.0), old)
+    state = final_params(old, cfg)
+    for name in glob.glob(f"{old}/checkpoints/*"):
+        subprocess.run(["rm", "-r", name], check=True)
+    with Checkpointer(old) as checkpoints:  # what the old TrainState wrote: no "ema"
+        checkpoints.save(12, {"step": state.step, "params": state.params, "opt_state": state.opt_state})
+    config = json.load(open(f"{old}/config.json"))
+    del config["optim"]["ema_decay"], config["optim"]["kl_warmup_steps"]
+    json.dump(config, open(f"{old}/config.json", "w"))
+
+    loaded = load_trained(old)
+    assert loaded.step == 12
+    for x, y in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    with_average = train_step.create_train_state(
+        state.params, train_step.make_optimizer(cfg.resolve(10**6).optim), ema=True
+    )
+    with Checkpointer(old, read_only=True) as checkpoints, pytest.raises(ValueError, match="has no ema"):
+        checkpoints.restore(with_average)
+
+    train_and_evaluate(cfg, old)
+    a, b = final_params(straight, cfg), final_params(old, cfg)
+    assert int(b.step) == 24 and b.ema is None
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 def test_update_ema_is_the_bias_corrected_average_of_the_steps_parameters():
     # After updates 1..k produced p_1..p_k: sum_s d^(k-s) (1-d) p_s / (1 - d^k),
     # whatever the average started as (the first update replaces it).
