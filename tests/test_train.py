@@ -6,6 +6,7 @@ import glob
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -146,7 +147,7 @@ def test_a_workdir_from_before_the_parameter_average_resumes_and_loads(small_dat
     train_and_evaluate(tiny_config(small_data, num_steps=12, kl_warmup_steps=0, ema_decay=0.0), old)
     state = final_params(old, cfg)
     for name in glob.glob(f"{old}/checkpoints/*"):
-        subprocess.run(["rm", "-r", name], check=True)
+        shutil.rmtree(name)
     with Checkpointer(old) as checkpoints:  # what the old TrainState wrote: no "ema"
         checkpoints.save(12, {"step": state.step, "params": state.params, "opt_state": state.opt_state})
     config = json.load(open(f"{old}/config.json"))
