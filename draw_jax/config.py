@@ -124,21 +124,28 @@ class DrawConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """Adam on globally clipped gradients.
+    """Adam on clipped gradients.
 
     Defaults: the recipe search's winner (BUILD_NOTES.md, "The default recipe"):
     lr 6e-3 peak, beta1 0.9, 100 warm-up steps, cosine decay to 0.1x over the
     run, KL weight warmed up over the first 300 steps, and the run evaluated
     (and released) with its parameters' moving average of decay 0.995. The
     popular ports' settings (ericjang/draw: lr 1e-3, beta1 0.5, constant, no
-    KL warm-up, no average) are ``--learning_rate=1e-3 --adam_b1=0.5
-    --lr_schedule=constant --warmup_steps=0 --kl_warmup_steps=0 --ema_decay=0``.
+    KL warm-up, no average, each variable's gradient clipped to norm 5) are
+    ``--learning_rate=1e-3 --adam_b1=0.5 --lr_schedule=constant --warmup_steps=0
+    --kl_warmup_steps=0 --ema_decay=0 --clip_mode=per_variable``.
     """
 
     learning_rate: float = setting(6e-3, "Adam step size (peak of the schedule).")
     adam_b1: float = setting(0.9, "Adam beta1.")
     adam_b2: float = setting(0.999, "Adam beta2.")
-    clip_norm: float = setting(5.0, "Global gradient-norm clipping (0 = off).")
+    clip_norm: float = setting(5.0, "Gradient-norm clipping threshold (0 = off); see --clip_mode.")
+    clip_mode: str = setting(
+        "global",
+        "How --clip_norm applies: global (one norm over all gradients, optax.clip_by_global_norm) or "
+        "per_variable (each parameter array's own norm, as the popular TF ports' tf.clip_by_norm(g, 5)).",
+        choices=("global", "per_variable"),
+    )
     lr_schedule: str = setting(
         "cosine",
         "Learning-rate schedule after the warm-up: constant, or cosine decay to "
@@ -172,6 +179,7 @@ class OptimConfig:
         if self.clip_norm < 0:
             raise ConfigError(f"--clip_norm must be >= 0 (0 disables), got {self.clip_norm}")
         _check_choice(self, "lr_schedule")
+        _check_choice(self, "clip_mode")
         _non_negative(self, "warmup_steps", "kl_warmup_steps")
         if self.decay_steps is not None and self.decay_steps < 1:
             raise ConfigError(f"--decay_steps must be >= 1, got {self.decay_steps}")
@@ -376,7 +384,7 @@ class TrainConfig:
 
 # Optimiser settings added after the first config.json files were written, and
 # the value that reproduces what a run without the setting did.
-_OPTIM_SINCE_ADDED = {"kl_warmup_steps": 0, "ema_decay": 0.0}
+_OPTIM_SINCE_ADDED = {"kl_warmup_steps": 0, "ema_decay": 0.0, "clip_mode": "global"}
 
 
 def _check_choice(cfg: Any, name: str) -> None:

@@ -30,6 +30,7 @@ __all__ = [
     "Params",
     "TrainState",
     "apply_model",
+    "clip_each_by_norm",
     "create_train_state",
     "eval_params",
     "init_model",
@@ -63,12 +64,31 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
     return optax.constant_schedule(cfg.learning_rate)
 
 
+def clip_each_by_norm(max_norm: float) -> optax.GradientTransformation:
+    """Scale each array of the update to Euclidean norm at most ``max_norm`` on its own.
+
+    ``g * max_norm / max(|g|, max_norm)`` per leaf: TensorFlow's
+    ``tf.clip_by_norm(g, 5)``, which the popular DRAW ports apply to every
+    variable's gradient (``optax.clip_by_global_norm`` uses one norm over all).
+    """
+    if not max_norm > 0:
+        raise ValueError(f"max_norm must be > 0, got {max_norm}")
+
+    def clip(g: jax.Array, _: Any) -> jax.Array:
+        norm = jnp.sqrt(jnp.sum(jnp.square(g.astype(jnp.float32))))
+        return (g * (max_norm / jnp.maximum(norm, max_norm))).astype(g.dtype)
+
+    return optax.stateless_with_tree_map(clip)
+
+
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-    """``optax.chain(clip_by_global_norm, adam)``."""
+    """``optax.chain(clip, adam)``: clipping by the global norm or each variable's (``clip_mode``)."""
     adam = optax.adam(learning_rate_schedule(cfg), b1=cfg.adam_b1, b2=cfg.adam_b2)
-    if cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
-    return adam
+    if cfg.clip_norm <= 0:
+        return adam
+    if cfg.clip_mode == "per_variable":
+        return optax.chain(clip_each_by_norm(cfg.clip_norm), adam)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adam)
 
 
 @flax.struct.dataclass

@@ -90,6 +90,7 @@ def test_derivations_happen_in_the_config_not_the_command():
         ({"compute_dtype": "float16"}, "--compute_dtype must be one of float32, bfloat16"),
         ({"adam_b1": 1.0}, "--adam_b1 must be in [0, 1)"),
         ({"ema_decay": 1.0}, "--ema_decay must be in [0, 1) (0 = no average)"),
+        ({"clip_mode": "per_layer"}, "--clip_mode must be one of global, per_variable"),
         ({"dataset": "cifar"}, "--dataset must be one of binarized_mnist, mnist"),
         ({"binarize": "dynamic"}, "does not apply to binarized_mnist"),
         ({"likelihood": "discretized_logistic"}, "--likelihood=discretized_logistic models 8-bit pixel"),
@@ -130,14 +131,15 @@ def test_a_version_0_1_config_json_still_loads():
 
 
 def test_optimiser_settings_newer_than_a_config_json_read_as_what_that_run_did():
-    # A run written before KL warm-up and the parameter average existed had
-    # neither, whatever today's defaults are: reading it with the defaults
-    # would resume it with a different objective or a checkpoint it never had.
-    cfg = build_config(kl_warmup_steps=0, ema_decay=0.0).resolve(500)
+    # A run written before KL warm-up, the parameter average and the clipping
+    # mode existed had none of them (and clipped the global norm), whatever
+    # today's defaults are: reading it with the defaults would resume it with a
+    # different objective or a checkpoint it never had.
+    cfg = build_config(kl_warmup_steps=0, ema_decay=0.0, clip_mode="global").resolve(500)
     old = cfg.to_dict()
-    del old["optim"]["kl_warmup_steps"], old["optim"]["ema_decay"]
+    del old["optim"]["kl_warmup_steps"], old["optim"]["ema_decay"], old["optim"]["clip_mode"]
     assert TrainConfig.from_dict(old) == cfg
-    newer = build_config(kl_warmup_steps=7, ema_decay=0.5).resolve(500)
+    newer = build_config(kl_warmup_steps=7, ema_decay=0.5, clip_mode="per_variable").resolve(500)
     assert TrainConfig.from_dict(newer.to_dict()) == newer
 
 

@@ -13,11 +13,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from draw_jax import train_step
 from draw_jax.checkpoint import Checkpointer
-from draw_jax.config import ConfigError, TrainConfig, build_config
+from draw_jax.config import ConfigError, OptimConfig, TrainConfig, build_config
 from draw_jax.train_loop import TrainingDiverged, train_and_evaluate
 from draw_jax.workdir import load_trained
 
@@ -151,7 +152,7 @@ def test_a_workdir_from_before_the_parameter_average_resumes_and_loads(small_dat
     with Checkpointer(old) as checkpoints:  # what the old TrainState wrote: no "ema"
         checkpoints.save(12, {"step": state.step, "params": state.params, "opt_state": state.opt_state})
     config = json.load(open(f"{old}/config.json"))
-    del config["optim"]["ema_decay"], config["optim"]["kl_warmup_steps"]
+    del config["optim"]["ema_decay"], config["optim"]["kl_warmup_steps"], config["optim"]["clip_mode"]
     json.dump(config, open(f"{old}/config.json", "w"))
 
     loaded = load_trained(old)
@@ -169,6 +170,54 @@ def test_a_workdir_from_before_the_parameter_average_resumes_and_loads(small_dat
     assert int(b.step) == 24 and b.ema is None
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_per_variable_clipping_is_tf_clip_by_norm_on_each_array_and_global_is_one_norm():
+    # tf.clip_by_norm(g, c) = g * c / max(|g|, c), on each variable (the ports),
+    # against optax.clip_by_global_norm's one norm over all of them.
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(7, 3)).astype(np.float32)
+    big *= 12.0 / np.linalg.norm(big)  # norm 12 > 5: scaled to 5, same direction
+    small = np.float32([3.0, -4.0]) / 5.0 * 2.0  # norm 2 <= 5: untouched
+    grads = {"w": jnp.asarray(big), "b": jnp.asarray(small)}
+
+    per_variable = train_step.make_optimizer(
+        OptimConfig(clip_mode="per_variable", clip_norm=5.0, decay_steps=10)
+    )
+    clip = train_step.clip_each_by_norm(5.0)
+    clipped, _ = clip.update(grads, clip.init(grads))
+    np.testing.assert_allclose(clipped["w"], big * 5.0 / 12.0, rtol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(clipped["w"]), 5.0, rtol=1e-6)
+    np.testing.assert_array_equal(clipped["b"], small)
+    total = np.sqrt(12.0**2 + 2.0**2)
+    globally, _ = optax.clip_by_global_norm(5.0).update(grads, optax.EmptyState())
+    np.testing.assert_allclose(globally["b"], small * 5.0 / total, rtol=1e-6)
+    # The optimiser's first clipping stage is this transform: the same
+    # (stateless) state structure as the global one, so checkpoints of
+    # either mode restore into the other's TrainState.
+    globally_cfg = OptimConfig(decay_steps=10)
+    state = per_variable.init(grads)
+    assert jax.tree.structure(state) == jax.tree.structure(
+        train_step.make_optimizer(globally_cfg).init(grads)
+    )
+    # And make_optimizer wires it in: over two steps whose gradient norms
+    # differ per variable, Adam's updates follow the per-variable clipping.
+    explicit = optax.chain(clip, optax.adam(train_step.learning_rate_schedule(globally_cfg), b1=0.9))
+    second = {"w": grads["w"] * 0.1, "b": grads["b"] * 3.0}
+    outputs = {}
+    for name, opt in [
+        ("wired", per_variable),
+        ("explicit", explicit),
+        ("global", train_step.make_optimizer(globally_cfg)),
+    ]:
+        opt_state = opt.init(grads)
+        for g in (grads, second, grads):
+            update, opt_state = opt.update(g, opt_state, grads)
+        outputs[name] = update
+    np.testing.assert_allclose(outputs["wired"]["w"], outputs["explicit"]["w"], rtol=1e-6)
+    assert not np.allclose(outputs["wired"]["w"], outputs["global"]["w"], rtol=1e-3)
+    with pytest.raises(ValueError, match="max_norm must be > 0"):
+        train_step.clip_each_by_norm(0.0)
 
 
 def test_update_ema_is_the_bias_corrected_average_of_the_steps_parameters():
