@@ -4,7 +4,8 @@
 
 ``--curves`` is a JSON list of {"label", "steps", "bounds", "source"}: the
 recorded evaluations of each run (``source`` says where they were read: a
-workdir's log, a BUILD_NOTES table). ``--log=label:path`` adds the
+workdir's log, a BUILD_NOTES table); optional "color" and "linestyle"
+(matplotlib's names) draw the seeds of one recipe alike. ``--log=label:path`` adds the
 "valid bound" lines of a training log (``experiments.train``'s output).
 """
 
@@ -72,7 +73,13 @@ def main(argv: list[str]) -> None:
     styles = ["-", "--", ":"]  # matplotlib's 10 colours repeat; a new line style with them
     for i, c in enumerate(curves):
         ax.plot(
-            c["steps"], c["bounds"], marker="o", markersize=3, label=c["label"], linestyle=styles[i // 10 % 3]
+            c["steps"],
+            c["bounds"],
+            marker="o",
+            markersize=3,
+            label=c["label"],
+            color=c.get("color"),
+            linestyle=c.get("linestyle", styles[i // 10 % 3]),
         )
     ax.axhline(80.97, color="grey", linestyle="--", linewidth=1, label="paper, attention: 80.97")
     ax.axhline(87.40, color="grey", linestyle=":", linewidth=1, label="paper, no attention: 87.40")
