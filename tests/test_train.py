@@ -192,15 +192,14 @@ def test_per_variable_clipping_is_tf_clip_by_norm_on_each_array_and_global_is_on
     total = np.sqrt(12.0**2 + 2.0**2)
     globally, _ = optax.clip_by_global_norm(5.0).update(grads, optax.EmptyState())
     np.testing.assert_allclose(globally["b"], small * 5.0 / total, rtol=1e-6)
-    # The optimiser's first clipping stage is this transform: the same
-    # (stateless) state structure as the global one, so checkpoints of
-    # either mode restore into the other's TrainState.
+    # The clipping stage keeps no state in either mode: the optimiser state
+    # (what checkpoints hold) has the same structure whichever is chosen.
     globally_cfg = OptimConfig(decay_steps=10)
     state = per_variable.init(grads)
     assert jax.tree.structure(state) == jax.tree.structure(
         train_step.make_optimizer(globally_cfg).init(grads)
     )
-    # And make_optimizer wires it in: over two steps whose gradient norms
+    # And make_optimizer wires it in: over three steps whose gradient norms
     # differ per variable, Adam's updates follow the per-variable clipping.
     explicit = optax.chain(clip, optax.adam(train_step.learning_rate_schedule(globally_cfg), b1=0.9))
     second = {"w": grads["w"] * 0.1, "b": grads["b"] * 3.0}
