@@ -440,3 +440,48 @@ def test_ctrl_c_inside_a_c_call_is_still_an_interrupt():
         assert _is_interrupt(e)
     assert _is_interrupt(KeyboardInterrupt())
     assert not _is_interrupt(SystemError("something else"))
+
+
+def test_averages_rebuilt_from_raw_checkpoints_equal_the_runs_own(small_data, tmp_path):
+    # compare_averages forms other decays after the fact: with a checkpoint at
+    # every step from step 1, the rebuilt average of the run's own decay must be
+    # the run's average, and a tail mean the plain mean of those steps' parameters.
+    from experiments.compare_averages import averages
+
+    workdir = str(tmp_path / "run")
+    cfg = tiny_config(small_data, num_steps=6, checkpoint_every=1, keep_checkpoints=10, ema_decay=0.8)
+    train_and_evaluate(cfg, workdir)
+    like = final_params(workdir, cfg)
+    with Checkpointer(workdir) as checkpoints:
+        steps = sorted(checkpoints.all_steps())
+        states = [checkpoints.restore(like, s) for s in steps]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    got = averages([(s, st.params) for s, st in zip(steps, states, strict=True)], [0.8, 0.5], [3])
+    for rebuilt, own in zip(jax.tree.leaves(got["ema0.8"]), jax.tree.leaves(states[-1].ema), strict=True):
+        np.testing.assert_allclose(rebuilt, own, rtol=1e-5, atol=1e-7)
+    last3 = [st.params for st in states[3:]]
+    for mean, *xs in zip(jax.tree.leaves(got["tail3"]), *map(jax.tree.leaves, last3), strict=True):
+        np.testing.assert_allclose(mean, sum(xs) / 3, rtol=1e-5, atol=1e-7)
+    ema5, ema8 = jax.tree.leaves(got["ema0.5"]), jax.tree.leaves(got["ema0.8"])
+    assert any(not np.allclose(a, b) for a, b in zip(ema5, ema8, strict=True))
+    # Every second checkpoint: decay d**2 per checkpoint, still from the first kept one.
+    evens = averages([(s, st.params) for s, st in zip(steps, states, strict=True) if s % 2 == 0], [0.8], [])
+    p = [st.params for st in states[1::2]]  # steps 2, 4, 6
+    r2, r3 = 0.36 / (1 - 0.64**2), 0.36 / (1 - 0.64**3)
+    expected = jax.tree.map(lambda a, b, c: ((1 - r2) * a + r2 * b) * (1 - r3) + r3 * c, *p)
+    for rebuilt, want in zip(jax.tree.leaves(evens["ema0.8"]), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(rebuilt, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="evenly spaced"):
+        averages([(s, st.params) for s, st in zip(steps, states, strict=True) if s != 3], [0.8], [])
+    # The command prints the rebuilt and the run's own average side by side, equal.
+    out = run_cli(
+        "experiments.compare_averages", f"--workdir={workdir}", "--decays=0.8", "--tails=3",
+        "--eval_examples=100", f"--output={tmp_path / 'avg.json'}",
+    ).stdout  # fmt: skip
+    table = json.load(open(tmp_path / "avg.json"))
+    assert table["ema0.8"] == pytest.approx(table["run's own average (decay 0.8)"], abs=1e-3), out
+    assert table["raw"] != table["ema0.8"] and "tail3" in out
+    again = run_cli(
+        "experiments.compare_averages", f"--workdir={workdir}", f"--output={tmp_path / 'avg.json'}", ok=False
+    )
+    assert again.returncode != 0 and "exists" in again.stderr
