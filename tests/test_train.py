@@ -446,7 +446,7 @@ def test_averages_rebuilt_from_raw_checkpoints_equal_the_runs_own(small_data, tm
     # compare_averages forms other decays after the fact: with a checkpoint at
     # every step from step 1, the rebuilt average of the run's own decay must be
     # the run's average, and a tail mean the plain mean of those steps' parameters.
-    from experiments.compare_averages import averages
+    from draw_jax.averages import averages
 
     workdir = str(tmp_path / "run")
     cfg = tiny_config(small_data, num_steps=6, checkpoint_every=1, keep_checkpoints=10, ema_decay=0.8)
