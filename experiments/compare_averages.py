@@ -47,6 +47,10 @@ def main(argv: list[str]) -> None:
         raise cli.ConfigError(f"unexpected arguments {argv[1:]}")
     if FLAGS.workdir is None or FLAGS.pretrained is not None:
         raise cli.ConfigError("--workdir (a training run with several raw checkpoints) is required")
+    if FLAGS.batch_size < 1:
+        raise cli.ConfigError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    if FLAGS.eval_examples < 0:
+        raise cli.ConfigError(f"--eval_examples must be >= 0 (0 = all), got {FLAGS.eval_examples}")
     try:
         decays = [float(d) for d in FLAGS.decays]
         tails = [int(k) for k in FLAGS.tails]

@@ -485,3 +485,5 @@ def test_averages_rebuilt_from_raw_checkpoints_equal_the_runs_own(small_data, tm
         "experiments.compare_averages", f"--workdir={workdir}", f"--output={tmp_path / 'avg.json'}", ok=False
     )
     assert again.returncode != 0 and "exists" in again.stderr
+    negative = run_cli("experiments.compare_averages", f"--workdir={workdir}", "--eval_examples=-5", ok=False)
+    assert negative.returncode != 0 and "--eval_examples must be >= 0" in negative.stderr
