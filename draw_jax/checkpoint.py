@@ -7,16 +7,14 @@ like a valid checkpoint; ``latest_step`` only sees finished ones.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
-import signal
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from draw_jax import interrupts
 
 __all__ = ["Checkpointer"]
 
@@ -47,10 +45,11 @@ class Checkpointer:
     def save(self, step: int, state: Any) -> None:
         """Saves ``state`` (any pytree of arrays) as checkpoint ``step`` and waits for it.
 
-        A Ctrl-C during the save is held back until the save has finished, then
-        raised: an interrupted run always leaves a complete last checkpoint.
+        A Ctrl-C or SIGTERM during the save is held back until the save has
+        finished, then raised: an interrupted run always leaves a complete last
+        checkpoint (``draw_jax.interrupts``).
         """
-        with _sigint_deferred():
+        with interrupts.deferred():
             self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
             self._manager.wait_until_finished()
 
@@ -107,19 +106,3 @@ class Checkpointer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-@contextlib.contextmanager
-def _sigint_deferred() -> Iterator[None]:
-    """Holds back SIGINT inside the block and raises KeyboardInterrupt after it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt

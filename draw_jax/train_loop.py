@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import time
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from draw_jax import data as data_lib
-from draw_jax import feeding, pictures, pretrained, train_step
+from draw_jax import feeding, interrupts, pictures, pretrained, train_step
 from draw_jax import workdir as workdir_lib
 from draw_jax.checkpoint import Checkpointer
 from draw_jax.config import ConfigError, TrainConfig
@@ -44,7 +45,14 @@ _SAMPLE_STREAM = 0x5A3E
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) during training; the message names the checkpoint to resume from."""
+    """Ctrl-C (SIGINT) or SIGTERM during training; the message names the checkpoint to resume from.
+
+    ``signal``: which of the two ended the run (a command exits 128 + its number).
+    """
+
+    def __init__(self, message: str, sig: signal.Signals = signal.SIGINT) -> None:
+        super().__init__(message)
+        self.signal = sig
 
 
 def train_key(seed: int) -> jax.Array:
@@ -53,7 +61,7 @@ def train_key(seed: int) -> jax.Array:
 
 
 def _is_interrupt(e: BaseException) -> bool:
-    """Ctrl-C, also when it landed inside a C call that re-raised it as a SystemError.
+    """Ctrl-C or SIGTERM, also when it landed inside a C call that re-raised it as a SystemError.
 
     (numpy's dtype machinery reports "returned a result with an exception set"
     with the KeyboardInterrupt as its cause when the signal arrives mid-call.)
@@ -84,7 +92,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
       ConfigError: the workdir holds a different run, or a setting does not fit the data.
       DataError: a data file is missing or malformed.
       TrainingDiverged: a metric became non-finite (the last good checkpoint is kept).
-      TrainingInterrupted: Ctrl-C (the last completed checkpoint is kept).
+      TrainingInterrupted: Ctrl-C or SIGTERM (the last completed checkpoint is kept).
     """
     is_chief = jax.process_index() == 0
     previous = workdir_lib.previous_config(workdir)
@@ -107,6 +115,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
     keep_average = cfg.optim.ema_decay > 0
     state = train_step.create_train_state(params, optimizer, ema=keep_average)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(interrupts.sigterm_as_interrupt())  # SIGTERM ends the run as Ctrl-C does
         checkpoints = stack.enter_context(Checkpointer(workdir, keep=run.keep_checkpoints))
         if checkpoints.latest_step() is not None:
             state = checkpoints.restore(state)
@@ -227,15 +236,18 @@ def train_and_evaluate(config: TrainConfig, workdir: str) -> dict[str, Any]:
         except (KeyboardInterrupt, SystemError) as e:
             if not _is_interrupt(e):
                 raise
-            saved = checkpoints.latest_step()
+            saved, sig = checkpoints.latest_step(), interrupts.signal_of(e)
+            how = "interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}"
             if saved is None:
                 raise TrainingInterrupted(
-                    f"interrupted at step {step}, before the first checkpoint (every --checkpoint_every="
-                    f"{run.checkpoint_every} steps): the same command starts the run over"
+                    f"{how} at step {step}, before the first checkpoint (every --checkpoint_every="
+                    f"{run.checkpoint_every} steps): the same command starts the run over",
+                    sig,
                 ) from None
             raise TrainingInterrupted(
-                f"interrupted at step {step}; the last completed checkpoint (step {saved}) is in "
-                f"{checkpoints.directory}: run the same command to resume"
+                f"{how} at step {step}; the last completed checkpoint (step {saved}) is in "
+                f"{checkpoints.directory}: run the same command to resume",
+                sig,
             ) from None
 
         if not last_eval and start >= run.num_steps:

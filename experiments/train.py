@@ -4,8 +4,8 @@ Flags (one per setting of ``draw_jax.config``, made from its declarations) ->
 ``build_config`` -> ``draw_jax.train_loop.train_and_evaluate``. Defaults are
 the paper's MNIST setup (binarized MNIST, T=64, 256/256 LSTMs, z 100, read 2x2,
 write 5x5, batch 100); ``--preset`` picks another named configuration. Re-running
-the same command in the same --workdir resumes it; Ctrl-C keeps the last
-completed checkpoint for that.
+the same command in the same --workdir resumes it; Ctrl-C or SIGTERM (``timeout``,
+``kill``, a scheduler) keeps the last completed checkpoint for that.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(argv: list[str]) -> None:
     except TrainingDiverged as e:
         cli.fail(str(e), code=3)
     except TrainingInterrupted as e:
-        cli.fail(str(e), code=130)
+        cli.fail(str(e), code=128 + e.signal)  # 130 for Ctrl-C, 143 for SIGTERM
     split = config.data.eval_split
     logging.info(
         "done: step %d, %s bound %.2f nats", results["step"], split, results[split].get("bound", float("nan"))
