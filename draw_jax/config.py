@@ -127,7 +127,7 @@ class OptimConfig:
     """Adam on clipped gradients.
 
     Defaults: the recipe search's winner (BUILD_NOTES.md, "The default recipe"):
-    lr 5e-3 peak, beta1 0.9, 300 warm-up steps, cosine decay to 0.1x over the
+    lr 5e-3 peak, beta1 0.9, 100 warm-up steps, cosine decay to 0.1x over the
     run, KL weight warmed up over the first 300 steps, and the run evaluated
     (and released) with its parameters' moving average of decay 0.995. The
     popular ports' settings (ericjang/draw: lr 1e-3, beta1 0.5, constant, no
@@ -152,7 +152,7 @@ class OptimConfig:
         "--final_lr_fraction of the peak over --decay_steps.",
         choices=("constant", "cosine"),
     )
-    warmup_steps: int = setting(300, "Linear learning-rate warm-up steps.")
+    warmup_steps: int = setting(100, "Linear learning-rate warm-up steps.")
     decay_steps: int | None = setting(
         None,
         "Cosine schedule length in steps. Default: the run length when the run starts; "
