@@ -8,7 +8,7 @@ parameters saved every k steps, and compared on one training trajectory.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +20,18 @@ __all__ = ["averages"]
 
 
 def averages(
-    checkpoints: Iterable[tuple[int, Params]], decays: Sequence[float], tails: Sequence[int]
+    steps: Sequence[int], params_at: Callable[[int], Params], decays: Sequence[float], tails: Sequence[int]
 ) -> dict[str, Params]:
     """Averages of a run's raw parameters, saved every k steps, in one pass.
 
+    Checkpoints are restored one at a time, in order, and each is dropped once
+    it is folded into the running averages and sums: memory holds one
+    checkpoint and one parameter set per average, however many steps there are
+    (a run kept every 10 steps over 2,500 steps has 250).
+
     Args:
-      checkpoints: (step, raw parameters) in increasing, evenly spaced steps (k apart).
+      steps: the checkpoints' steps, increasing and evenly spaced (k apart).
+      params_at: step -> that checkpoint's raw parameters; called once per step, in order.
       decays: per-step moving-average decays d in (0, 1); each is applied as d**k per checkpoint.
       tails: K > 0: the plain mean of the checkpoints in the last K steps (steps > last - K).
 
@@ -33,11 +39,11 @@ def averages(
       {"ema<d>": ..., "tail<K>": ..., "raw": the last parameters}.
 
     Raises:
-      ValueError: fewer than two checkpoints, uneven steps, or a decay or K out of range.
+      ValueError: fewer than two checkpoints, uneven steps, or a decay or K out
+      of range; raised before any checkpoint is restored.
     """
-    items = list(checkpoints)
-    steps = [s for s, _ in items]
-    if len(items) < 2:
+    steps = list(steps)
+    if len(steps) < 2:
         raise ValueError(f"need at least two checkpoints to average, got steps {steps}")
     every = steps[1] - steps[0]
     if every <= 0 or any(b - a != every for a, b in itertools.pairwise(steps)):
@@ -51,7 +57,9 @@ def averages(
     last = steps[-1]
     emas: dict[float, Params] = {}
     sums: dict[int, tuple[Params, int]] = {}
-    for i, (step, params) in enumerate(items, start=1):
+    params = None
+    for i, step in enumerate(steps, start=1):
+        params = params_at(step)
         for d in decays:
             emas[d] = train_step.update_ema(emas.get(d, params), params, jnp.asarray(i), d**every)
         for k in tails:
@@ -60,5 +68,5 @@ def averages(
                 sums[k] = (jax.tree.map(jnp.add, total, params), count + 1)
     out = {f"ema{d:g}": emas[d] for d in decays}
     out |= {f"tail{k}": jax.tree.map(lambda x, n=n: x / n, total) for k, (total, n) in sums.items()}
-    out["raw"] = items[-1][1]
+    out["raw"] = params
     return out

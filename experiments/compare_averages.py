@@ -65,17 +65,15 @@ def main(argv: list[str]) -> None:
     )
     with Checkpointer(FLAGS.workdir, read_only=True) as ckpt:
         steps = sorted(ckpt.all_steps())
-        restored = (ckpt.restore(like, s) for s in steps)
         last_state = None
 
-        def raw_params():
+        def raw_params(step: int) -> train_step.Params:
             nonlocal last_state
-            for step, state in zip(steps, restored, strict=True):
-                last_state = state
-                yield step, state.params
+            last_state = ckpt.restore(like, step)  # the previous one is dropped here
+            return last_state.params
 
         try:
-            candidates = averages(raw_params(), decays, tails)
+            candidates = averages(steps, raw_params, decays, tails)
         except ValueError as e:
             raise cli.ConfigError(f"{FLAGS.workdir}: {e}") from None
     if last_state.ema is not None:

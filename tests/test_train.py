@@ -460,7 +460,15 @@ def test_averages_rebuilt_from_raw_checkpoints_equal_the_runs_own(small_data, tm
         steps = sorted(checkpoints.all_steps())
         states = [checkpoints.restore(like, s) for s in steps]
     assert steps == [1, 2, 3, 4, 5, 6]
-    got = averages([(s, st.params) for s, st in zip(steps, states, strict=True)], [0.8, 0.5], [3])
+    by_step = {s: st.params for s, st in zip(steps, states, strict=True)}
+    loaded = []
+
+    def params_at(step):
+        loaded.append(step)
+        return by_step[step]
+
+    got = averages(steps, params_at, [0.8, 0.5], [3])
+    assert loaded == steps  # one pass, one checkpoint at a time, in order
     for rebuilt, own in zip(jax.tree.leaves(got["ema0.8"]), jax.tree.leaves(states[-1].ema), strict=True):
         np.testing.assert_allclose(rebuilt, own, rtol=1e-5, atol=1e-7)
     last3 = [st.params for st in states[3:]]
@@ -469,14 +477,18 @@ def test_averages_rebuilt_from_raw_checkpoints_equal_the_runs_own(small_data, tm
     ema5, ema8 = jax.tree.leaves(got["ema0.5"]), jax.tree.leaves(got["ema0.8"])
     assert any(not np.allclose(a, b) for a, b in zip(ema5, ema8, strict=True))
     # Every second checkpoint: decay d**2 per checkpoint, still from the first kept one.
-    evens = averages([(s, st.params) for s, st in zip(steps, states, strict=True) if s % 2 == 0], [0.8], [])
+    evens = averages([2, 4, 6], by_step.__getitem__, [0.8], [])
     p = [st.params for st in states[1::2]]  # steps 2, 4, 6
     r2, r3 = 0.36 / (1 - 0.64**2), 0.36 / (1 - 0.64**3)
     expected = jax.tree.map(lambda a, b, c: ((1 - r2) * a + r2 * b) * (1 - r3) + r3 * c, *p)
     for rebuilt, want in zip(jax.tree.leaves(evens["ema0.8"]), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(rebuilt, want, rtol=1e-5, atol=1e-7)
+    loaded.clear()
     with pytest.raises(ValueError, match="evenly spaced"):
-        averages([(s, st.params) for s, st in zip(steps, states, strict=True) if s != 3], [0.8], [])
+        averages([1, 2, 4, 5], params_at, [0.8], [])
+    with pytest.raises(ValueError, match="decays must be in"):
+        averages(steps, params_at, [1.5], [])
+    assert loaded == []  # refused before restoring anything
     # The command prints the rebuilt and the run's own average side by side, equal.
     out = run_cli(
         "experiments.compare_averages", f"--workdir={workdir}", "--decays=0.8", "--tails=3",
