@@ -17,6 +17,9 @@ from collections.abc import Iterator
 
 __all__ = ["Terminated", "deferred", "signal_of", "sigterm_as_interrupt"]
 
+# What ``deferred`` holds back.
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C while ``sigterm_as_interrupt`` is active."""
@@ -79,6 +82,3 @@ def deferred() -> Iterator[None]:
         elif handler == signal.SIG_DFL:  # deliver it again, now with its default action
             signal.raise_signal(signum)
         # SIG_IGN (e.g. SIGINT of a background job): ignored, as it would have been
-
-
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
