@@ -12,6 +12,7 @@ shape is written [rows, inner] x [inner, cols], so as not to reuse m, k, n.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import jax
@@ -26,6 +27,8 @@ __all__ = [
     "compile_seconds",
     "flops_per_step",
     "gate_matmul_bound",
+    "loop_ops_per_trip",
+    "ops_per_time_step",
     "matmul_flops_per_s",
     "scan_matmul_seconds",
     "time_calls",
@@ -225,3 +228,66 @@ def flops_per_step(cfg: DrawConfig, batch_size: int) -> float:
         for T in (3, 4)
     )
     return f3 + (cfg.T - 3) * (f4 - f3)
+
+
+# Instructions of an optimised HLO module that launch no work of their own.
+_FREE_OPS = frozenset({"parameter", "get-tuple-element", "tuple", "constant", "bitcast"})
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{$")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%[\w.\-]+ = (.*)$")
+_OPCODE = re.compile(r"\b([a-z][a-z0-9\-]*)\(")
+_WHILE = re.compile(r"body=%([\w.\-]+)")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def loop_ops_per_trip(hlo_text: str) -> list[tuple[int, int, str]]:
+    """(trip count, ops per trip, JAX op name) of each while loop in an optimised HLO module.
+
+    ``hlo_text`` is ``compiled.as_text()``. An op is an instruction of the
+    loop's body that does work of its own (a fusion, a matmul or other custom
+    call, a copy, a dynamic-update-slice, ...), not a parameter, tuple,
+    get-tuple-element, constant or bitcast; a fusion counts once, however many
+    operations it fuses. On a GPU each is about one kernel launch per trip, so
+    for the scanned train step (trip count T: the forward loop and the backward
+    loop) the sum is the kernels per time step. Loops whose trip count XLA does
+    not know are reported with trip count 0. The op name tells the step's
+    loops (".../jvp()/while", ".../transpose(jvp())/while") from the random
+    number generator's (".../jit(_threefry_split)/...").
+    """
+    ops: dict[str, int] = {}
+    loops: list[tuple[str, int, str]] = []
+    current = None
+    for line in hlo_text.splitlines():
+        if (m := _COMPUTATION.match(line)) is not None:
+            current = m.group(1)
+            ops[current] = 0
+            continue
+        if current is None or (m := _INSTRUCTION.match(line)) is None:
+            continue
+        rest = m.group(1)
+        opcode = _OPCODE.search(rest)
+        if opcode is None:
+            continue
+        if opcode.group(1) == "while":
+            body = _WHILE.search(rest)
+            trips = _TRIPS.search(rest)
+            name = _OP_NAME.search(rest)
+            if body is not None:
+                loops.append(
+                    (body.group(1), int(trips.group(1)) if trips else 0, name.group(1) if name else "")
+                )
+        if opcode.group(1) not in _FREE_OPS:
+            ops[current] += 1
+    return [(trips, ops.get(body, 0), name) for body, trips, name in loops]
+
+
+def ops_per_time_step(hlo_text: str, T: int) -> int:
+    """Ops per time step of a compiled train step: its T-trip loops' ``loop_ops_per_trip``, summed.
+
+    The forward and the backward loop; the random number generator's loops
+    (threefry) are left out, also when their trip count happens to equal T.
+    """
+    rng = ("threefry", "_uniform", "_normal", "random")
+    return sum(
+        n for trips, n, name in loop_ops_per_trip(hlo_text) if trips == T and not any(r in name for r in rng)
+    )

@@ -14,6 +14,11 @@ T-trip scan at the step's shapes, the weight gradient as the one product after
 the loop that the step forms); with ``gate_matmul_flop_share`` it bounds how close the
 whole step can get to the reference matmuls.
 
+``ops_per_time_step`` counts the ops of the compiled step's forward and
+backward T-trip loops (``profiling.ops_per_time_step``; a fusion counts once):
+on a GPU each is about one kernel launch per time step, which is what bounds a
+latency-bound step there.
+
 The timed step is the one ``python -m experiments.train`` runs by default: the
 training split on the device and ``--steps_per_call`` steps per compiled call.
 ``single_call_step_ms_median`` is one host-fed step per call, for contrast.
@@ -164,6 +169,7 @@ def benchmark_config(name: str, cfg: DrawConfig, batch_size: int, steps: int, wa
         "shaped_matmul_flops_per_s": shaped,
         "shaped_fraction": achieved / shaped,
         **bound,
+        "ops_per_time_step": profiling.ops_per_time_step(compiled.as_text(), cfg.T),
         "gate_matmul_flop_share": bound["gate_matmul_flops_per_step"] / flops,
         "gate_matmul_time_share": bound["gate_matmul_ms_per_step"] / (med * 1e3),
         "peak_rss_mb": _peak_rss_mb(),
@@ -193,7 +199,7 @@ def _print_table(records: list[dict]) -> None:
         ("single_call_step_ms_median", "{:>9.1f}"), ("images_per_s", "{:>8.0f}"),
         ("compile_s", "{:>7.1f}"), ("flops_per_step", "{:>9.3g}"), ("achieved_flops_per_s", "{:>9.3g}"),
         ("flop_fraction", "{:>6.2f}"), ("shaped_fraction", "{:>6.2f}"),
-        ("gate_matmul_ms_per_step", "{:>9.1f}"), ("peak_rss_mb", "{:>7.0f}"),
+        ("gate_matmul_ms_per_step", "{:>9.1f}"), ("ops_per_time_step", "{:>5d}"), ("peak_rss_mb", "{:>7.0f}"),
     ]  # fmt: skip
     print(" ".join(f"{c[:9]:>9}" if i else f"{c:<20}" for i, (c, _) in enumerate(cols)))
     for r in records:

@@ -136,6 +136,24 @@ def test_bfloat16_gradients_after_the_loop_match_autodiff(attention):
     assert float(jnp.max(jnp.abs(kernel))) > 0
 
 
+def test_ops_per_time_step_counts_the_step_s_two_loops_and_does_not_grow_with_t():
+    # The benchmark's ops (on a GPU: kernels) per time step: the compiled step's
+    # forward and backward T-trip loops, the random number generator's loops
+    # (threefry, whose trip count here equals T = 5) left out.
+    counts = {}
+    for T in (5, 8):
+        cfg = DrawConfig(T=T, enc_size=16, dec_size=16, z_size=4, read_n=2, write_n=3)
+        text = profiling.compile_seconds(cfg, 4)[1].as_text()
+        step_loops = [(n, name) for trips, n, name in profiling.loop_ops_per_trip(text) if trips == T]
+        names = [name for _, name in step_loops if "threefry" not in name and "_uniform" not in name]
+        assert sorted(name.rsplit("/", 2)[-2] for name in names) == ["jvp()", "transpose(jvp())"], names
+        counts[T] = profiling.ops_per_time_step(text, T)
+        assert counts[T] == sum(n for n, name in step_loops if name in names) > 0
+    assert counts[5] == counts[8]  # one scan body, whatever T
+    unrolled = profiling.compile_seconds(dataclasses.replace(cfg, T=3), 4, python_loop=True)[1]
+    assert profiling.ops_per_time_step(unrolled.as_text(), 3) == 0  # no loop to count
+
+
 def test_benchmark_emits_every_field(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
@@ -151,7 +169,7 @@ def test_benchmark_emits_every_field(tmp_path):
         "flops_per_step", "achieved_flops_per_s", "matmul_flops_per_s", "flop_fraction",
         "shaped_matmul_flops_per_s", "peak_rss_mb", "steps_per_call", "timed_steps",
         "single_call_step_ms_median", "scan_gate_matmul_flops_per_s", "gate_matmul_flops_per_step",
-        "gate_matmul_ms_per_step", "gate_matmul_flop_share", "gate_matmul_time_share",
+        "gate_matmul_ms_per_step", "gate_matmul_flop_share", "gate_matmul_time_share", "ops_per_time_step",
     ]  # fmt: skip
     for field in required:
         assert field in step, field
@@ -170,6 +188,7 @@ def test_benchmark_emits_every_field(tmp_path):
     assert min(step["scan_gate_matmul_flops_per_s"].values()) > 0 and step["gate_matmul_ms_per_step"] > 0
     # The timed path is train.py's default: whole calls of --steps_per_call steps.
     assert step["steps_per_call"] == 10 and step["timed_steps"] >= 3 and step["timed_steps"] % 10 == 0
+    assert step["ops_per_time_step"] > 0  # the scanned loops were found in the compiled step
     sweep = next(r for r in records if r["name"] == "compile_sweep")
     assert set(map(int, sweep["scan_compile_s"])) == {8, 16, 32, 64} and sweep["unrolled_T"] == 3
     assert next(r for r in records if r["name"] == "data_pipeline_host")["images_per_s"] > 0
