@@ -116,3 +116,35 @@ def test_sample_from_a_release_without_data_writes_the_samples(tmp_path):
         "experiments.sample", f"--pretrained={stem}", "--workdir=x", f"--output_dir={out}2", ok=False
     )
     assert both.returncode == 2 and "exactly one of --workdir" in both.stderr
+
+
+def test_the_gpu_session_script_trains_and_releases_a_model(shared_data, tmp_path):
+    # experiments/gpu_session.sh runs once, on a lent GPU with 15 minutes in all:
+    # its train and release stages, here on the CPU at a tiny size, must leave a
+    # loadable released model whose card holds the bound the log reports.
+    import subprocess
+    import sys
+
+    out, root = tmp_path / "out", os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = os.environ | {
+        "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],  # python3 = this one
+        "OUT": str(out),
+        "RUN": str(tmp_path / "run"),
+        "STAGES": "train release",  # no benchmark: the step count falls back to its guess (100 steps)
+        "TRAIN_SECONDS": "1",
+        "TRAIN_BATCH": "20",
+        "TRAIN_FLAGS": "--T=2 --enc_size=8 --dec_size=8 --z_size=2",
+        "DATA": os.path.join(shared_data, "binarized_mnist"),
+    }
+    proc = subprocess.run(
+        ["bash", "experiments/gpu_session.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = (out / "summary.txt").read_text()
+    assert "train: 100 steps at batch 20" in summary and "train: exit 0" in summary, summary
+    card = pretrained.load_card(str(out / "binarized_mnist_attention_gpu.json"))
+    trained = pretrained.load(str(out / "binarized_mnist_attention_gpu.json"))
+    assert trained.step == 100 and trained.config.model.T == 2
+    logged = float(summary.split("step 100  valid bound ")[1].split()[0])
+    assert np.isfinite(card.valid_bound) and abs(card.valid_bound - logged) < 1.0  # another eval seed only
+    assert "done" in summary.splitlines()[-1]
