@@ -43,7 +43,17 @@ class MetricAccumulator:
         self._count = 0
 
     def add(self, metrics: dict[str, jax.Array]) -> None:
-        """Metrics of one call, each with a leading [k] steps axis (left on the device)."""
+        """Metrics of one call, each with a leading [k] steps axis (left on the device).
+
+        Waits for the previous call to finish first, so the host dispatches at
+        most one call ahead of the one running. Without the wait it ran up to a
+        whole log interval ahead (ten calls of ten steps by default), and a run
+        stopped by Ctrl-C or SIGTERM went on computing those queued calls for a
+        minute or more before the process could exit. One call ahead keeps the
+        device as busy: a call takes far longer than dispatching the next.
+        """
+        if self._pending:
+            jax.block_until_ready(self._pending[-1])
         self._pending.append(metrics)
 
     def drain(self, step: int, hint: str = "") -> None:

@@ -555,3 +555,20 @@ def test_a_program_s_own_sigterm_handler_is_left_alone():
         assert signal.getsignal(signal.SIGTERM) is mine
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_host_dispatches_at_most_one_call_ahead_of_the_device(monkeypatch):
+    # A stopped run must wait for the calls already queued before its process
+    # can exit: MetricAccumulator.add waits for the previous call, so at most
+    # one is queued behind the running one (not a whole log interval's ten).
+    from draw_jax import metrics as metrics_lib
+
+    waited = []
+    monkeypatch.setattr(metrics_lib.jax, "block_until_ready", lambda x: waited.append(x) or x)
+    acc = metrics_lib.MetricAccumulator()
+    calls = [{"bound": jnp.full((2,), float(i))} for i in range(4)]
+    for m in calls:
+        acc.add(m)
+    assert [id(m) for m in waited] == [id(m) for m in calls[:-1]]  # each call's predecessor, in order
+    acc.drain(8)
+    assert acc.means()["bound"] == pytest.approx(1.5)  # nothing lost by the waiting
