@@ -127,7 +127,7 @@ class OptimConfig:
     """Adam on clipped gradients.
 
     Defaults: the recipe search's winner (BUILD_NOTES.md, "The default recipe"):
-    lr 5e-3 peak, beta1 0.9, 100 warm-up steps, cosine decay to 0.1x over the
+    lr 5e-3 peak, beta1 0.8, 100 warm-up steps, cosine decay to 0.1x over the
     run, KL weight warmed up over the first 300 steps, and the run evaluated
     (and released) with its parameters' moving average of decay 0.995. The
     popular ports' settings (ericjang/draw: lr 1e-3, beta1 0.5, constant, no
@@ -137,7 +137,7 @@ class OptimConfig:
     """
 
     learning_rate: float = setting(5e-3, "Adam step size (peak of the schedule).")
-    adam_b1: float = setting(0.9, "Adam beta1.")
+    adam_b1: float = setting(0.8, "Adam beta1.")
     adam_b2: float = setting(0.999, "Adam beta2.")
     clip_norm: float = setting(5.0, "Gradient-norm clipping threshold (0 = off); see --clip_mode.")
     clip_mode: str = setting(

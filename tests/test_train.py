@@ -201,7 +201,9 @@ def test_per_variable_clipping_is_tf_clip_by_norm_on_each_array_and_global_is_on
     )
     # And make_optimizer wires it in: over three steps whose gradient norms
     # differ per variable, Adam's updates follow the per-variable clipping.
-    explicit = optax.chain(clip, optax.adam(train_step.learning_rate_schedule(globally_cfg), b1=0.9))
+    explicit = optax.chain(
+        clip, optax.adam(train_step.learning_rate_schedule(globally_cfg), b1=globally_cfg.adam_b1)
+    )
     second = {"w": grads["w"] * 0.1, "b": grads["b"] * 3.0}
     outputs = {}
     for name, opt in [
