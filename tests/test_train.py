@@ -404,7 +404,12 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(small_data, tmp_path, sig, how):
         time.sleep(0.5)
     time.sleep(1.0)
     proc.send_signal(getattr(signal, sig))
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:  # a child that did not stop must not outlive the test (its 10^6 steps hold a core)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     assert proc.returncode == 128 + getattr(signal, sig), stderr[-3000:]
     message = " ".join(stderr.split())  # the message is wrapped at 100 columns
     assert f"{how} at step" in message and "run the same command to resume" in message
