@@ -29,6 +29,7 @@ Quick (under a minute): ``--configs=small_attention --steps=5 --compile_sweep=fa
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import resource
 import time
@@ -66,7 +67,12 @@ flags.DEFINE_integer(
 )
 flags.DEFINE_integer("warmup", 3, "Untimed steps after compilation.")
 flags.DEFINE_bool(
-    "compile_sweep", True, "Time compilation for T in 8, 16, 32, 64 (and one Python-unrolled T)."
+    "compile_sweep", True, "Time compilation for each T of --sweep_T (and one Python-unrolled T)."
+)
+flags.DEFINE_list(
+    "sweep_T",
+    ["8", "16", "32", "64"],
+    "T values of the compile-time sweep, increasing; the ratio printed is the last one's over the first's.",
 )
 flags.DEFINE_integer("unrolled_T", 16, "T of the Python-unrolled compile-time contrast (0 = skip).")
 flags.DEFINE_string("json", None, "Write the records here.")
@@ -207,6 +213,17 @@ def _print_table(records: list[dict]) -> None:
             print(" ".join(fmt.format(r[c]) for c, fmt in cols))
 
 
+def _sweep_T(values: list[str]) -> list[int]:
+    """--sweep_T as increasing positive ints (at least two, for a ratio), or a ConfigError naming the flag."""
+    try:
+        ts = [int(v) for v in values]
+    except ValueError:
+        raise cli.ConfigError(f"--sweep_T must be integers, got {','.join(values)}") from None
+    if len(ts) < 2 or min(ts) < 1 or any(a >= b for a, b in itertools.pairwise(ts)):
+        raise cli.ConfigError(f"--sweep_T must be at least two increasing T >= 1, got {','.join(values)}")
+    return ts
+
+
 @cli.user_errors_as_messages
 def main(argv: list[str]) -> None:
     unknown = [c for c in FLAGS.configs if c not in PRESETS]
@@ -214,6 +231,7 @@ def main(argv: list[str]) -> None:
         raise cli.ConfigError(f"--configs: unknown {unknown}; choose from {', '.join(PRESETS)}")
     if FLAGS.steps < 1 or FLAGS.batch_size < 1 or FLAGS.steps_per_call < 1:
         raise cli.ConfigError("--steps, --batch_size and --steps_per_call must be >= 1")
+    sweep_T = _sweep_T(FLAGS.sweep_T)
     configs = {name: build_config(name, compute_dtype=FLAGS.compute_dtype).model for name in FLAGS.configs}
     b = FLAGS.batch_size
     m = FLAGS.matmul_size
@@ -224,11 +242,14 @@ def main(argv: list[str]) -> None:
     if FLAGS.compile_sweep:
         base = configs.get("paper_attention", next(iter(configs.values())))
         sweep = {}
-        for T in (8, 16, 32, 64):
+        for T in sweep_T:
             sweep[T] = compile_seconds(dataclasses.replace(base, T=T), b)[0]
+        first, last = sweep_T[0], sweep_T[-1]
+        ratio = sweep[last] / sweep[first]
         print("compile seconds by T (scan): " + ", ".join(f"T={T}: {s:.1f}" for T, s in sweep.items()))
-        print(f"compile ratio T=64 / T=8: {sweep[64] / sweep[8]:.2f}")
-        rec = {"name": "compile_sweep", "scan_compile_s": sweep, "ratio_64_to_8": sweep[64] / sweep[8]}
+        print(f"compile ratio T={last} / T={first}: {ratio:.2f}")
+        rec = {"name": "compile_sweep", "scan_compile_s": sweep, "compile_ratio": ratio,
+               "compile_ratio_T": [last, first]}  # fmt: skip
         if FLAGS.unrolled_T:
             T = FLAGS.unrolled_T
             unrolled = compile_seconds(dataclasses.replace(base, T=T), b, python_loop=True)[0]

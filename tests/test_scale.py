@@ -158,7 +158,7 @@ def test_benchmark_emits_every_field(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.benchmark", "--configs=tiny", "--steps=3", "--warmup=1",
-         "--unrolled_T=3", "--matmul_size=256", f"--json={out}"],
+         "--unrolled_T=3", "--sweep_T=2,4", "--matmul_size=256", f"--json={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -190,9 +190,22 @@ def test_benchmark_emits_every_field(tmp_path):
     assert step["steps_per_call"] == 10 and step["timed_steps"] >= 3 and step["timed_steps"] % 10 == 0
     assert step["ops_per_time_step"] > 0  # the scanned loops were found in the compiled step
     sweep = next(r for r in records if r["name"] == "compile_sweep")
-    assert set(map(int, sweep["scan_compile_s"])) == {8, 16, 32, 64} and sweep["unrolled_T"] == 3
+    assert set(map(int, sweep["scan_compile_s"])) == {2, 4} and sweep["unrolled_T"] == 3
+    np.testing.assert_allclose(
+        sweep["compile_ratio"], sweep["scan_compile_s"]["4"] / sweep["scan_compile_s"]["2"]
+    )
     assert next(r for r in records if r["name"] == "data_pipeline_host")["images_per_s"] > 0
-    assert "tiny" in proc.stdout and "compile ratio T=64 / T=8" in proc.stdout  # the printed table
+    assert "tiny" in proc.stdout and "compile ratio T=4 / T=2" in proc.stdout  # the printed table
+
+
+@pytest.mark.parametrize("sweep", ["8,4", "8,x"])
+def test_benchmark_refuses_a_bad_sweep_before_timing_anything(sweep):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.benchmark", "--configs=tiny", f"--sweep_T={sweep}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--sweep_T" in proc.stderr and sweep in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_flops_per_step_is_affine_in_T():
