@@ -10,6 +10,7 @@ import pytest
 
 DATA_ENV = "DRAW_JAX_SHARED_DATA"
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
+_MADE_CACHE = pytest.StashKey[str]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,7 +26,9 @@ def pytest_configure(config: pytest.Config) -> None:
     same results.
     """
     if CACHE_ENV not in os.environ and not hasattr(config, "workerinput"):
-        os.environ[CACHE_ENV] = config._draw_jax_cache = tempfile.mkdtemp(prefix="draw_jax_tests_jax_cache_")
+        os.environ[CACHE_ENV] = config.stash[_MADE_CACHE] = tempfile.mkdtemp(
+            prefix="draw_jax_tests_jax_cache_"
+        )
     if CACHE_ENV in os.environ:
         import jax
 
@@ -33,7 +36,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    made = getattr(config, "_draw_jax_cache", None)
+    made = config.stash.get(_MADE_CACHE, None)
     if made:
         shutil.rmtree(made, ignore_errors=True)
 
