@@ -22,17 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from draw_jax import attention
 from draw_jax.config import DrawConfig
 
-__all__ = [
-    "DRAW",
-    "DrawConfig",
-    "DrawOutputs",
-    "Generation",
-    "LSTMCell",
-    "LoopConstants",
-    "dot_general_f32",
-    "hoisted_kernel_gradient",
-    "low_precision_matmul",
-]
+__all__ = ["DRAW", "DrawOutputs", "Generation", "LSTMCell", "StepOutputs"]
 
 
 class DrawOutputs(NamedTuple):
@@ -45,9 +35,6 @@ class DrawOutputs(NamedTuple):
       mu, logsigma: [T, b, z] the approximate posterior per step (eq. 1-2's Q).
       read_window, write_window: ``attention.Window`` of [T, b] arrays, or None
         for a variant without attention.
-      gate_inputs: with ``gate_offsets``, the LSTMs' [input, h] per step:
-        (encoder [T, b, in_e], decoder [T, b, in_d]); else None. Without read
-        attention the encoder's leaves x out ([x_hat, h^dec, h^enc]).
       log_scale: [c] the learned pixel scale of a discretised-logistic model
         (``likelihood='discretized_logistic'``); None for a Bernoulli one.
     """
@@ -58,8 +45,17 @@ class DrawOutputs(NamedTuple):
     logsigma: jax.Array
     read_window: attention.Window | None
     write_window: attention.Window | None
-    gate_inputs: tuple[jax.Array, jax.Array] | None = None
     log_scale: jax.Array | None = None
+
+
+class StepOutputs(NamedTuple):
+    """What one step emits: c_t [b, h, w, c], mu_t and logsigma_t [b, z], its windows (or None)."""
+
+    canvas: jax.Array
+    mu: jax.Array
+    logsigma: jax.Array
+    read_window: attention.Window | None
+    write_window: attention.Window | None
 
 
 class Generation(NamedTuple):
@@ -82,47 +78,38 @@ def dot_general_f32(lhs: jax.Array, rhs: jax.Array, *args, **kwargs) -> jax.Arra
     return jax.lax.dot_general(lhs, rhs, *args, **kwargs)
 
 
+def _gate_matmul(u: jax.Array, kernel: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """u [b, i] @ kernel [i, o] -> [b, o] float32, with operands in ``dtype``."""
+    if dtype == jnp.float32:
+        return jnp.dot(u, kernel, preferred_element_type=jnp.float32)
+    return _low_precision_matmul(u.astype(dtype), kernel.astype(dtype))
+
+
 @jax.custom_vjp
-def low_precision_matmul(u: jax.Array, kernel: jax.Array, kernel_t: jax.Array) -> jax.Array:
-    """u [b, i] (float32) @ kernel [i, o] (e.g. bfloat16) -> [b, o] float32, both ways in kernel's dtype.
+def _low_precision_matmul(u: jax.Array, kernel: jax.Array) -> jax.Array:
+    """bfloat16 x bfloat16 -> float32, and its two gradient products in bfloat16 too.
 
-    ``kernel_t`` is ``kernel.T`` laid out [o, i] (made once, outside the loop).
-    Autodiff of a bfloat16 x bfloat16 -> float32 product would give a float32 x
-    bfloat16 input gradient contracting the kernel's second axis, which XLA's
-    CPU backend upcasts (converting the kernel to float32 on every call; 2.6x
-    slower than the native product). Here the backward pass casts the gradient
-    to the kernel's dtype and multiplies by ``kernel_t``: a native
-    low-precision matmul too. The kernels get no gradient (their caller takes
-    it after the loop, ``hoisted_kernel_gradient``).
+    Autodiff would give a float32 x bfloat16 input gradient g W^T, which XLA's
+    CPU backend runs by converting W to float32 on every step (1.45x the whole
+    bf16 train step; BUILD_NOTES.md, "Speed"). Here both gradient products take
+    bfloat16 operands with float32 results, as the forward does.
     """
-    return jnp.dot(u.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    return jnp.dot(u, kernel, preferred_element_type=jnp.float32)
 
 
-def _low_precision_matmul_fwd(u, kernel, kernel_t):
-    return low_precision_matmul(u, kernel, kernel_t), (kernel, kernel_t)
+def _low_precision_matmul_fwd(u, kernel):
+    return _low_precision_matmul(u, kernel), (u, kernel)
 
 
 def _low_precision_matmul_bwd(res, g):
-    kernel, kernel_t = res
-    du = jnp.dot(g.astype(kernel_t.dtype), kernel_t, preferred_element_type=jnp.float32)
-    return du, jnp.zeros_like(kernel), jnp.zeros_like(kernel_t)
+    u, kernel = res
+    g = g.astype(kernel.dtype)
+    du = jnp.dot(g, kernel.T, preferred_element_type=jnp.float32).astype(u.dtype)
+    dk = jnp.dot(u.T, g, preferred_element_type=jnp.float32).astype(kernel.dtype)
+    return du, dk
 
 
-low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
-
-
-class LoopConstants(NamedTuple):
-    """What the hoisted-gradient loop computes once, before its first step.
-
-    Attributes:
-      kernels: ((W_enc, W_enc^T), (W_dec, W_dec^T)) in a low compute dtype
-        (bfloat16), for ``low_precision_matmul``; None in float32.
-      x_gates: [b, 4e] without read attention, x's share of the encoder gates,
-        x W_x (x is the same at every step); None with read attention.
-    """
-
-    kernels: tuple[tuple[jax.Array, jax.Array], tuple[jax.Array, jax.Array]] | None = None
-    x_gates: jax.Array | None = None
+_low_precision_matmul.defvjp(_low_precision_matmul_fwd, _low_precision_matmul_bwd)
 
 
 # Name of the LSTM gate pre-activations, the only per-step values the train
@@ -150,57 +137,30 @@ class LSTMCell(nnx.Module):
             rngs=rngs,
         )
 
-    def __call__(self, state: tuple[jax.Array, jax.Array], inputs: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(h [b, hidden], cell [b, hidden]), inputs [b, in] -> new (h, cell), float32."""
-        h, cell = state
-        gates = self.gates(jnp.concatenate([inputs.astype(h.dtype), h], axis=-1))
-        return self._update(cell, gates)
+    def __call__(
+        self, state: tuple[jax.Array, jax.Array], inputs: jax.Array, fixed_gates: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(h [b, hidden], cell [b, hidden]), inputs [b, in] -> new (h, cell), float32.
 
-    def tapped(
-        self,
-        state: tuple[jax.Array, jax.Array],
-        inputs: jax.Array,
-        gate_offset: jax.Array,
-        kernel: tuple[jax.Array, jax.Array] | None = None,
-        const_gates: jax.Array | None = None,
-    ) -> tuple[tuple[jax.Array, jax.Array], jax.Array]:
-        """The same step with the kernel's gradient left to the caller.
-
-        gates = u @ stop_gradient(W) + bias + gate_offset, u = [inputs, h]. With
-        ``gate_offset`` zero the value is ``__call__``'s; the gradient with respect to
-        ``gate_offset`` is the gate gradient g, and the caller forms W's gradient
-        sum_t u_t^T g_t itself (``hoisted_kernel_gradient``).
-
-        ``kernel``: (W, W^T) already cast to a lower compute dtype (bfloat16),
-        outside the loop. The product and its input gradient g W^T then both run
-        as native bfloat16 x bfloat16 -> float32 matmuls (``low_precision_matmul``).
-
-        ``const_gates`` [b, 4 hidden]: the gates' share of a leading part of the
-        input that is the same at every step, computed once by the caller;
-        ``inputs`` then holds only the rest, and W's first rows (that part's) are
-        left out here (and out of ``kernel``, if given).
-
-        Returns:
-          ((h, cell), u [b, in + hidden]) with u outside the gradient.
+        ``fixed_gates`` [b, 4 hidden]: the gates' share of a leading part of the
+        input that is the same at every step, computed once by the caller
+        (``DRAW.image_gates``); ``inputs`` then holds only the rest, and the
+        kernel's rows for that part are left out here.
         """
         h, cell = state
         u = jnp.concatenate([inputs.astype(h.dtype), h], axis=-1)
-        layer = self.gates
-        if kernel is None:
-            kernel = jax.lax.stop_gradient(layer.kernel[...])
-            kernel = kernel[kernel.shape[0] - u.shape[-1] :]  # without a constant part's rows
-            dtype = layer.dtype or jnp.float32
-            gates = jnp.dot(u.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-        else:
-            gates = low_precision_matmul(u, *jax.lax.stop_gradient(kernel))
-        gates = gates + layer.bias[...] + gate_offset
-        if const_gates is not None:
-            gates = gates + const_gates
-        return self._update(cell, gates), jax.lax.stop_gradient(u)
-
-    def _update(self, cell: jax.Array, gates: jax.Array) -> tuple[jax.Array, jax.Array]:
+        kernel = self.gates.kernel[...]
+        dtype = self.gates.dtype or jnp.float32
+        gates = jnp.dot(
+            u.astype(dtype),
+            kernel[kernel.shape[0] - u.shape[-1] :].astype(dtype),
+            preferred_element_type=jnp.float32,
+        )
+        gates = gates + self.gates.bias[...]
+        if fixed_gates is not None:
+            gates = gates + fixed_gates
         gates = checkpoint_name(gates, LSTM_GATES)  # what the backward pass keeps (see DRAW)
-        i, f, g, o = jnp.split(gates.astype(jnp.float32), 4, axis=-1)
+        i, f, g, o = jnp.split(gates, 4, axis=-1)
         cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(cell)
         return h, cell
@@ -302,60 +262,54 @@ class DRAW(nnx.Module):
         patch = patch.reshape(b, cfg.write_n, cfg.write_n, cfg.channels)
         return attention.write(patch, win, height=cfg.height, width=cfg.width), win
 
-    def step(
-        self,
-        carry: _Carry,
-        x: jax.Array,
-        eps: jax.Array,
-        gate_offsets: tuple[jax.Array, jax.Array] | None = None,
-        consts: LoopConstants | None = None,
-    ) -> tuple[_Carry, tuple]:
+    def step(self, carry: _Carry, x: jax.Array, eps: jax.Array) -> tuple[_Carry, StepOutputs]:
         """One DRAW step, eq. 3-8.
 
         Args:
           carry: (c_{t-1} [b,h,w,c], h^enc, cell^enc [b,e], h^dec, cell^dec [b,d]).
           x: [b, h, w, c] the image.
           eps: [b, z] standard normal noise for the reparameterised sample.
-          gate_offsets: (encoder [b, 4e], decoder [b, 4d]) zeros to take the LSTM
-            kernels' gradients outside the loop (``LSTMCell.tapped``), or None.
-          consts: with ``gate_offsets``, what the loop computed once
-            (``LoopConstants``): cast kernels, x's share of the encoder gates.
 
         Returns:
-          (new carry, (c_t, mu_t, logsigma_t, read window, write window)), and
-          with ``gate_offsets`` the LSTMs' inputs (u_enc, u_dec) appended.
+          (new carry, ``StepOutputs`` of this step).
         """
+        return self._step(carry, x, eps, self.image_gates(x))
+
+    def image_gates(self, x: jax.Array) -> jax.Array | None:
+        """Without read attention, x's share of the encoder's gates: [b, 4e]; else None.
+
+        r_t = [x, x_hat_t] (eq. 17), so the part of eq. 5's gate matmul that
+        multiplies x itself is the same at every step: the T-step loop takes it
+        once per image instead of T times (the paper's no-attention train step
+        in 0.69x the time; BUILD_NOTES.md, "Speed").
+        """
+        if self.config.read_attention:
+            return None
+        layer = self.encoder.gates
+        dtype = layer.dtype or jnp.float32
+        x_flat = x.reshape(x.shape[0], -1)
+        kernel = layer.kernel[...][: x_flat.shape[-1]]
+        return jnp.dot(x_flat.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+
+    def _step(
+        self, carry: _Carry, x: jax.Array, eps: jax.Array, image_gates: jax.Array | None
+    ) -> tuple[_Carry, StepOutputs]:
         canvas, h_enc, cell_enc, h_dec, cell_dec = carry
         x_hat = x - jax.nn.sigmoid(canvas)  # eq. 3
-        consts = consts or LoopConstants()
-        kernels = consts.kernels or (None, None)
-        if consts.x_gates is not None:
-            # No read attention, r = [x, x_hat]: x's share of the gates was taken
-            # once before the loop, so only [x_hat, h^dec] enters here.
-            read_win = None
-            enc_in = jnp.concatenate([x_hat.reshape(x.shape[0], -1), h_dec], -1)
-        else:
+        if image_gates is None:
             r, read_win = self._read(x, x_hat, h_dec)  # eq. 4
-            enc_in = jnp.concatenate([r, h_dec.astype(r.dtype)], -1)
-        if gate_offsets is None:
-            h_enc, cell_enc = self.encoder((h_enc, cell_enc), enc_in)  # eq. 5
-        else:
-            (h_enc, cell_enc), u_enc = self.encoder.tapped(
-                (h_enc, cell_enc), enc_in, gate_offsets[0], kernels[0], consts.x_gates
-            )
+        else:  # eq. 17's r = [x, x_hat] with x's share already in image_gates
+            r, read_win = x_hat.reshape(x.shape[0], -1), None
+        enc_in = jnp.concatenate([r, h_dec], -1)
+        h_enc, cell_enc = self.encoder((h_enc, cell_enc), enc_in, image_gates)  # eq. 5
         mu = self.to_mu(h_enc).astype(jnp.float32)  # eq. 1-2 (Q's mean)
         logsigma = self.to_logsigma(h_enc).astype(jnp.float32)
         z = mu + jnp.exp(logsigma) * eps  # eq. 6, reparameterised
-        if gate_offsets is None:
-            h_dec, cell_dec = self.decoder((h_dec, cell_dec), z)  # eq. 7
-        else:
-            (h_dec, cell_dec), u_dec = self.decoder.tapped((h_dec, cell_dec), z, gate_offsets[1], kernels[1])
+        h_dec, cell_dec = self.decoder((h_dec, cell_dec), z)  # eq. 7
         update, write_win = self._write(h_dec)
         canvas = canvas + update  # eq. 8
-        out = (canvas, mu, logsigma, read_win, write_win)
-        if gate_offsets is not None:
-            out = (*out, (u_enc, u_dec))
-        return (canvas, h_enc, cell_enc, h_dec, cell_dec), out
+        carry = (canvas, h_enc, cell_enc, h_dec, cell_dec)
+        return carry, StepOutputs(canvas, mu, logsigma, read_win, write_win)
 
     # -- the T-step loop ----------------------------------------------------
 
@@ -372,113 +326,36 @@ class DRAW(nnx.Module):
         return jax.random.normal(key, (cfg.T, batch, cfg.z_size), jnp.float32)
 
     def __call__(
-        self,
-        x: jax.Array,
-        key: jax.Array | None = None,
-        *,
-        eps: jax.Array | None = None,
-        python_loop: bool = False,
-        gate_offsets: tuple[jax.Array, jax.Array] | None = None,
+        self, x: jax.Array, key: jax.Array | None = None, *, eps: jax.Array | None = None
     ) -> DrawOutputs:
-        """Encodes and reconstructs a batch.
+        """Encodes and reconstructs a batch: ``step`` T times, as one ``jax.lax.scan``.
 
         Args:
           x: [b, h, w, c] images with values in [0, 1].
           key: PRNG key for the T latent samples (``noise(key, b)``).
           eps: [T, b, z] the noise itself, instead of ``key``.
-          python_loop: run the steps in a Python loop instead of ``jax.lax.scan``
-            (same result; the traced program grows with T). For tests and the
-            compile-time comparison only.
-          gate_offsets: zeros (encoder [T, b, 4e], decoder [T, b, 4d]) from
-            ``gate_offset_zeros``: the LSTM kernels then get no gradient inside the
-            loop; the outputs carry the gate inputs, and ``hoisted_kernel_gradient``
-            forms the kernels' gradients after it, as one large product each.
 
         Returns:
           ``DrawOutputs``.
         """
         self._check_images(x)
-        cfg = self.config
         x = x.astype(jnp.float32)
         if eps is None:
             if key is None:
                 raise ValueError("DRAW needs a PRNG key (or eps) for its latent samples")
             eps = self.noise(key, x.shape[0])
-        carry = self.initial_carry(x.shape[0])
-        xs = (eps, gate_offsets)  # None (no offsets) is an empty pytree to scan
-        consts = self._loop_constants(x) if gate_offsets is not None else LoopConstants()
-        if python_loop:
-            outs = []
-            for t in range(cfg.T):
-                carry, out = self.step(carry, x, *jax.tree.map(lambda a, t=t: a[t], xs), consts=consts)
-                outs.append(out)
-            stacked = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        else:
-            # The backward pass keeps only the gate pre-activations of each
-            # step and recomputes the rest (reads, writes, heads, elementwise
-            # ops; a few percent of the FLOPs): far fewer per-step buffers to
-            # stack and unstack, 0.88x the step time on the paper config (CPU).
-            step = jax.checkpoint(
-                lambda c, xs_t: self.step(c, x, *xs_t, consts=consts),
-                policy=jax.checkpoint_policies.save_only_these_names(LSTM_GATES),
-            )
-            carry, stacked = jax.lax.scan(step, carry, xs)
-        canvases, mu, logsigma, read_win, write_win = stacked[:5]
-        gate_inputs = stacked[5] if gate_offsets is not None else None
-        log_scale = self.log_scale[...] if cfg.likelihood == "discretized_logistic" else None
-        return DrawOutputs(carry[0], canvases, mu, logsigma, read_win, write_win, gate_inputs, log_scale)
-
-    def _image_rows(self) -> int:
-        """Rows of the encoder kernel that multiply x itself: h w c without read attention, else 0."""
-        cfg = self.config
-        return 0 if cfg.read_attention else cfg.height * cfg.width * cfg.channels
-
-    def _loop_constants(self, x: jax.Array) -> LoopConstants:
-        """The hoisted-gradient loop's ``LoopConstants`` for images x [b, h, w, c]."""
-        dtype = jnp.dtype(self.config.compute_dtype)
-        n_x = self._image_rows()
-        w_enc = jax.lax.stop_gradient(self.encoder.gates.kernel[...])
-        w_dec = jax.lax.stop_gradient(self.decoder.gates.kernel[...])
-        x_gates = None
-        if n_x:
-            x_flat = x.reshape(x.shape[0], -1).astype(dtype)
-            x_gates = jnp.dot(x_flat, w_enc[:n_x].astype(dtype), preferred_element_type=jnp.float32)
-        kernels = None
-        if dtype != jnp.float32:
-            # Cast once here, not on every step (and every step's backward) inside the loop.
-            kernels = tuple((k, k.T.copy()) for k in (w_enc[n_x:].astype(dtype), w_dec.astype(dtype)))
-        return LoopConstants(kernels, x_gates)
-
-    def kernel_gradients(
-        self, x: jax.Array, gate_inputs: tuple[jax.Array, jax.Array], gate_grads: tuple[jax.Array, jax.Array]
-    ) -> tuple[jax.Array, jax.Array]:
-        """The (encoder, decoder) LSTM kernels' gradients, formed after the loop.
-
-        Args:
-          x: [b, h, w, c] the images the outputs came from.
-          gate_inputs: ``DrawOutputs.gate_inputs`` (u_enc [T, b, .], u_dec [T, b, .]).
-          gate_grads: the gradients with respect to the gate offsets, [T, b, 4e] and [T, b, 4d].
-
-        Returns:
-          Each kernel's gradient sum_t u_t^T g_t (``hoisted_kernel_gradient``).
-          Without read attention, the encoder's rows for x (the same at every
-          step) are x^T (sum_t g_t): one [hwc, b] x [b, 4e] product, not T of them.
-        """
-        dtype = jnp.dtype(self.config.compute_dtype)
-        enc = hoisted_kernel_gradient(gate_inputs[0], gate_grads[0], dtype)
-        if self._image_rows():
-            x_flat = x.reshape(x.shape[0], -1).astype(dtype)
-            g_sum = jnp.sum(gate_grads[0], axis=0).astype(dtype)
-            x_rows = jnp.dot(x_flat.T, g_sum, preferred_element_type=jnp.float32)
-            enc = jnp.concatenate([x_rows, enc], axis=0)
-        return enc, hoisted_kernel_gradient(gate_inputs[1], gate_grads[1], dtype)
-
-    def gate_offset_zeros(self, batch: int) -> tuple[jax.Array, jax.Array]:
-        """The zeros ``__call__(..., gate_offsets=...)`` takes: (encoder [T, b, 4e], decoder [T, b, 4d])."""
-        cfg = self.config
-        return (
-            jnp.zeros((cfg.T, batch, 4 * cfg.enc_size), jnp.float32),
-            jnp.zeros((cfg.T, batch, 4 * cfg.dec_size), jnp.float32),
+        # The backward pass keeps only each step's gate pre-activations and
+        # recomputes the rest (reads, writes, heads: a few percent of the FLOPs):
+        # 0.88x the train step's time on the paper config (BUILD_NOTES, "Speed").
+        image_gates = self.image_gates(x)
+        step = jax.checkpoint(
+            lambda carry, eps_t: self._step(carry, x, eps_t, image_gates),
+            policy=jax.checkpoint_policies.save_only_these_names(LSTM_GATES),
+        )
+        carry, steps = jax.lax.scan(step, self.initial_carry(x.shape[0]), eps)
+        log_scale = self.log_scale[...] if self.config.likelihood == "discretized_logistic" else None
+        return DrawOutputs(
+            carry[0], steps.canvas, steps.mu, steps.logsigma, steps.read_window, steps.write_window, log_scale
         )
 
     def generate(self, key: jax.Array, num_samples: int) -> Generation:
@@ -505,21 +382,3 @@ class DRAW(nnx.Module):
 
         _, (canvases, wins) = jax.lax.scan(body, (canvas, h_dec, cell_dec), z)
         return Generation(canvases, wins)
-
-
-def hoisted_kernel_gradient(
-    gate_inputs: jax.Array, gate_grads: jax.Array, dtype: jnp.dtype = jnp.float32
-) -> jax.Array:
-    """An LSTM kernel's gradient over all steps at once: sum_t u_t^T g_t.
-
-    Args:
-      gate_inputs: u [T, b, in + hidden] (``DrawOutputs.gate_inputs``).
-      gate_grads: g [T, b, 4 hidden], the gradient with respect to the gate offsets.
-      dtype: the operands' dtype (the model's compute dtype); the sum is float32.
-
-    Returns:
-      [in + hidden, 4 hidden] float32: one [in, T b] x [T b, 4h] product instead
-      of T thin [in, b] x [b, 4h] ones accumulated inside the backward loop.
-    """
-    u, g = gate_inputs.astype(dtype), gate_grads.astype(dtype)
-    return jnp.einsum("tbi,tbj->ij", u, g, preferred_element_type=jnp.float32)

@@ -169,8 +169,6 @@ def make_train_step(
     ema_decay: float = 0.0,
     batch_sharding: jax.sharding.Sharding | None = None,
     jit: bool = True,
-    python_loop: bool = False,
-    hoist: bool = True,
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds ``train_step(state, images, key) -> (state, metrics)``.
 
@@ -180,43 +178,19 @@ def make_train_step(
     """
 
     train_step = _train_step_fn(
-        graphdef, optimizer, binary, binarize, kl_warmup_steps, ema_decay, batch_sharding, python_loop, hoist
+        graphdef, optimizer, binary, binarize, kl_warmup_steps, ema_decay, batch_sharding
     )
     return jax.jit(train_step, donate_argnums=0) if jit else train_step
 
 
-def _gradients(graphdef, params, x, key, kl_weight, python_loop=False, hoist=True):
-    """(gradients of the loss, Bound) at ``params``.
+def _gradients(graphdef, params, x, key, kl_weight):
+    """(gradients of the loss, Bound) at ``params``."""
 
-    With ``hoist`` the LSTM kernels' gradients are formed after the T-step loop
-    as one [in, T b] x [T b, 4h] product each (``model.hoisted_kernel_gradient``)
-    instead of T thin products accumulated inside the backward loop: the same
-    gradient (tested to float32 rounding), in fewer, larger matmuls.
-    """
-    model = apply_model(graphdef, params)
-    if not hoist:
+    def loss_fn(params: Params) -> tuple[jax.Array, Bound]:
+        bound = draw_bound(apply_model(graphdef, params)(x, key), x, kl_weight)
+        return bound.loss, bound
 
-        def loss_fn(params: Params) -> tuple[jax.Array, Bound]:
-            outputs = apply_model(graphdef, params)(x, key, python_loop=python_loop)
-            bound = draw_bound(outputs, x, kl_weight)
-            return bound.loss, bound
-
-        return jax.grad(loss_fn, has_aux=True)(params)
-
-    def tapped_loss(params: Params, offsets):
-        outputs = apply_model(graphdef, params)(x, key, python_loop=python_loop, gate_offsets=offsets)
-        bound = draw_bound(outputs, x, kl_weight)
-        return bound.loss, (bound, outputs.gate_inputs)
-
-    offsets = model.gate_offset_zeros(x.shape[0])
-    (grads, gate_grads), (bound, gate_inputs) = jax.grad(tapped_loss, argnums=(0, 1), has_aux=True)(
-        params, offsets
-    )
-    grads = dict(grads)
-    kernels = model.kernel_gradients(x, gate_inputs, gate_grads)
-    for name, kernel in zip(("encoder", "decoder"), kernels, strict=True):
-        grads[name] = {"gates": {**grads[name]["gates"], "kernel": kernel}}
-    return grads, bound
+    return jax.grad(loss_fn, has_aux=True)(params)
 
 
 def _train_step_fn(
@@ -227,8 +201,6 @@ def _train_step_fn(
     kl_warmup_steps,
     ema_decay=0.0,
     batch_sharding=None,
-    python_loop=False,
-    hoist=True,
 ):
     def train_step(state: TrainState, images: jax.Array, key: jax.Array):
         if (state.ema is None) != (ema_decay <= 0):
@@ -242,7 +214,7 @@ def _train_step_fn(
         x = data_lib.preprocess(images, binary, binarize, data_key)
         kl_weight = _kl_weight(state.step, kl_warmup_steps)
 
-        grads, bound = _gradients(graphdef, state.params, x, model_key, kl_weight, python_loop, hoist)
+        grads, bound = _gradients(graphdef, state.params, x, model_key, kl_weight)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
@@ -272,7 +244,6 @@ def make_device_train_step(
     kl_warmup_steps: int = 0,
     ema_decay: float = 0.0,
     batch_sharding: jax.sharding.Sharding | None = None,
-    hoist: bool = True,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """Builds a jitted ``multi_step(state, images, perms, first_epoch, base_key)``.
 
@@ -289,7 +260,7 @@ def make_device_train_step(
     Returns (state, metrics), each metric stacked over the steps of the call.
     """
     one_step = _train_step_fn(
-        graphdef, optimizer, binary, binarize, kl_warmup_steps, ema_decay, batch_sharding, hoist=hoist
+        graphdef, optimizer, binary, binarize, kl_warmup_steps, ema_decay, batch_sharding
     )
 
     def multi_step(state: TrainState, images: jax.Array, perms: jax.Array, first_epoch: jax.Array, base_key):

@@ -9,9 +9,8 @@ timed in the same run on the same device, sampled between the timed calls
 matmul ([batch, read + dec + enc] x [read + dec + enc, 4 enc]).
 
 ``gate_matmul_ms_per_step`` is what the LSTM gate matmuls alone take per
-step, in its compute dtype (forward and input-gradient products timed in a
-T-trip scan at the step's shapes, the weight gradient as the one product after
-the loop that the step forms); with ``gate_matmul_flop_share`` it bounds how close the
+step, in its compute dtype (forward, input-gradient and weight-gradient
+products each timed in a T-trip scan at the step's shapes); with ``gate_matmul_flop_share`` it bounds how close the
 whole step can get to the reference matmuls.
 
 ``ops_per_time_step`` counts the ops of the compiled step's forward and
@@ -39,17 +38,17 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from draw_jax import feeding, profiling, train_step
+from draw_jax import feeding, train_step
 from draw_jax.config import DrawConfig, OptimConfig, build_config
 from draw_jax.presets import PRESETS
-from draw_jax.profiling import (
+from experiments import cli, profiling
+from experiments.profiling import (
     MatmulReference,
     compile_seconds,
     flops_per_step,
     gate_matmul_bound,
     matmul_flops_per_s,
 )
-from experiments import cli
 
 flags.DEFINE_list(
     "configs",
@@ -252,7 +251,7 @@ def main(argv: list[str]) -> None:
                "compile_ratio_T": [last, first]}  # fmt: skip
         if FLAGS.unrolled_T:
             T = FLAGS.unrolled_T
-            unrolled = compile_seconds(dataclasses.replace(base, T=T), b, python_loop=True)[0]
+            unrolled = compile_seconds(dataclasses.replace(base, T=T), b, unrolled=True)[0]
             print(f"Python-unrolled T={T}: {unrolled:.1f}s (scan: {sweep.get(T, float('nan')):.1f}s)")
             rec["unrolled_T"], rec["unrolled_compile_s"] = T, unrolled
         records.append(rec)

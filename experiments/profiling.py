@@ -1,6 +1,6 @@
 """Measuring the train step: compile time, FLOPs, and reference matmul rates.
 
-What ``experiments.benchmark`` prints is built from these; the tests check
+What ``experiments.benchmark`` (and ``tools.compare_speed``) print is built from these; the tests check
 them (the FLOP count against a fully unrolled step, the gate-matmul count
 against its formula). Every rate is meant to be compared with a matmul timed
 in the same process: these machines drift by tens of percent within minutes.
@@ -18,9 +18,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from draw_jax import train_step
 from draw_jax.config import DrawConfig, OptimConfig
+from draw_jax.losses import draw_bound
+from draw_jax.model import DRAW, DrawOutputs
 
 __all__ = [
     "MatmulReference",
@@ -33,6 +36,7 @@ __all__ = [
     "scan_matmul_seconds",
     "time_calls",
     "time_interleaved",
+    "unrolled_outputs",
     "xla_flops",
 ]
 
@@ -109,18 +113,42 @@ def time_interleaved(fn, calls: int, ref: MatmulReference) -> np.ndarray:
     return np.asarray(times)
 
 
-def _build_step(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
+def unrolled_outputs(model: DRAW, x: jax.Array, key: jax.Array) -> DrawOutputs:
+    """``model(x, key)`` as a Python loop over ``DRAW.step``: the same outputs, but
+    a program that grows with T (for XLA's cost analysis, which counts a loop's
+    body once, and for the compile-time contrast)."""
+    eps = model.noise(key, x.shape[0])
+    carry, steps = model.initial_carry(x.shape[0]), []
+    for t in range(model.config.T):
+        carry, out = model.step(carry, x.astype(jnp.float32), eps[t])
+        steps.append(out)
+    s = jax.tree.map(lambda *a: jnp.stack(a), *steps)
+    return DrawOutputs(carry[0], s.canvas, s.mu, s.logsigma, s.read_window, s.write_window)
+
+
+def _build_step(cfg: DrawConfig, batch_size: int, unrolled: bool = False):
     graphdef, params = train_step.init_model(cfg, seed=0)
     optimizer = train_step.make_optimizer(OptimConfig(decay_steps=100_000))  # the default run's schedule
     state = train_step.create_train_state(params, optimizer)
-    step = train_step.make_train_step(
-        graphdef, optimizer, binary=True, binarize="none", jit=False, python_loop=python_loop
-    )
+    if not unrolled:
+        return state, train_step.make_train_step(graphdef, optimizer, binary=True, binarize="none", jit=False)
+
+    def step(state, images, key):  # the train step's work, with the T steps unrolled
+        x = images.astype(jnp.float32)
+
+        def loss(params):
+            return draw_bound(unrolled_outputs(train_step.apply_model(graphdef, params), x, key), x).loss
+
+        grads = jax.grad(loss)(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state)
+
     return state, step
 
 
-def compile_seconds(cfg: DrawConfig, batch_size: int, python_loop: bool = False):
-    state, step = _build_step(cfg, batch_size, python_loop)
+def compile_seconds(cfg: DrawConfig, batch_size: int, unrolled: bool = False):
+    """(seconds, compiled, state, images) of compiling the train step (``unrolled``: T steps unrolled)."""
+    state, step = _build_step(cfg, batch_size, unrolled)
     images = jnp.zeros((batch_size, *cfg.image_shape), jnp.uint8)
     t0 = time.perf_counter()
     compiled = jax.jit(step, donate_argnums=0).lower(state, images, jax.random.key(0)).compile()
@@ -132,22 +160,18 @@ def scan_matmul_seconds(
 ) -> dict[str, float]:
     """Seconds per product of the three matmuls of a [rows, inner] x [inner, cols] layer, as the step runs them.
 
-    The train step's gate matmuls: forward ``u @ W`` and input gradient
-    ``g @ W^T`` inside the T-step ``lax.scan`` (each timed alone in a scan of
-    ``length`` trips over fresh [rows, .] inputs, stacking its outputs as the
-    scan does), and the weight gradient once after the loop as one
-    [inner, length rows] x [length rows, cols] product
-    (``model.hoisted_kernel_gradient``; reported per trip, i.e. divided by
-    ``length``). ``dtype`` is the compute dtype: in bfloat16 the operands are
-    bfloat16 with float32 results, and W^T is laid out [cols, inner] once
-    (``model.low_precision_matmul``). Median over ``reps`` calls. Together
+    The train step's gate matmuls, as its T-step ``lax.scan`` and the scan's
+    backward run them: forward ``u @ W``, input gradient ``g @ W^T`` and the
+    weight gradient's ``u^T g`` accumulated over the trips (each timed alone in
+    a scan of ``length`` trips over fresh [rows, .] inputs). ``dtype`` is the
+    compute dtype: in bfloat16 the operands are bfloat16 with float32 results.
+    Median over ``reps`` calls. Together
     with the FLOP count this estimates a floor under the step: the time its
     gate matmuls take if nothing else took any.
     """
     key = jax.random.key(0)
     dt = jnp.dtype(dtype)
     w = (jax.random.normal(key, (inner, cols), jnp.float32) / np.sqrt(inner)).astype(dt)
-    w_t = jnp.asarray(w.T)  # materialised: the step's bf16 backward reads W^T laid out [cols, inner]
     xs = jax.random.normal(key, (length, rows, inner), jnp.float32).astype(dt)
     gs = jax.random.normal(key, (length, rows, cols), jnp.float32).astype(dt)
 
@@ -157,16 +181,17 @@ def scan_matmul_seconds(
     def forward(w, xs):
         return jax.lax.scan(lambda c, x: (c, dot(x, w)), 0.0, xs)[1]
 
-    def input_grad(w_t, gs):
-        return jax.lax.scan(lambda c, g: (c, dot(g, w_t)), 0.0, gs)[1]
+    def input_grad(w, gs):
+        return jax.lax.scan(lambda c, g: (c, dot(g, w.T)), 0.0, gs)[1]
 
     def weight_grad(xs, gs):
-        return jnp.einsum("tbi,tbj->ij", xs, gs, preferred_element_type=jnp.float32)
+        zero = jnp.zeros((inner, cols), jnp.float32)
+        return jax.lax.scan(lambda acc, xg: (acc + dot(xg[0].T, xg[1]), None), zero, (xs, gs))[0]
 
     out = {}
     for name, f, args in (
         ("forward", forward, (w, xs)),
-        ("input_grad", input_grad, (w_t, gs)),
+        ("input_grad", input_grad, (w, gs)),
         ("weight_grad", weight_grad, (xs, gs)),
     ):
         compiled = jax.jit(f).lower(*args).compile()
@@ -184,11 +209,8 @@ def gate_matmul_bound(cfg: DrawConfig, batch_size: int) -> dict:
     train step at those in-scan rates (an estimate of the floor under the
     step time; in context XLA may run a product somewhat faster or slower).
     """
-    # Without read attention the image's own rows are multiplied once per image,
-    # outside the loop (``DRAW.kernel_gradients``); the loop's product leaves them out.
-    in_loop_read = cfg.read_size if cfg.read_attention else cfg.read_size // 2
     shapes = {
-        "encoder": (batch_size, in_loop_read + cfg.dec_size + cfg.enc_size, 4 * cfg.enc_size),
+        "encoder": (batch_size, cfg.read_size + cfg.dec_size + cfg.enc_size, 4 * cfg.enc_size),
         "decoder": (batch_size, cfg.z_size + cfg.dec_size, 4 * cfg.dec_size),
     }
     total_s, total_flops, rates = 0.0, 0.0, {}
@@ -224,7 +246,7 @@ def flops_per_step(cfg: DrawConfig, batch_size: int) -> float:
     this is within a few percent of a fully unrolled count.)
     """
     f3, f4 = (
-        xla_flops(compile_seconds(dataclasses.replace(cfg, T=T), batch_size, python_loop=True)[1])
+        xla_flops(compile_seconds(dataclasses.replace(cfg, T=T), batch_size, unrolled=True)[1])
         for T in (3, 4)
     )
     return f3 + (cfg.T - 3) * (f4 - f3)
