@@ -119,7 +119,7 @@ def test_sample_from_a_release_without_data_writes_the_samples(tmp_path):
 
 
 def test_the_gpu_session_script_trains_and_releases_a_model(shared_data, tmp_path):
-    # experiments/gpu_session.sh runs once, on a lent GPU with 15 minutes in all:
+    # tools/gpu_session.sh runs once, on a lent GPU with 15 minutes in all:
     # its train and release stages, here on the CPU at a tiny size, must leave a
     # loadable released model whose card holds the bound the log reports.
     import subprocess
@@ -137,7 +137,7 @@ def test_the_gpu_session_script_trains_and_releases_a_model(shared_data, tmp_pat
         "DATA": os.path.join(shared_data, "binarized_mnist"),
     }
     proc = subprocess.run(
-        ["bash", "experiments/gpu_session.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=600
+        ["bash", "tools/gpu_session.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = (out / "summary.txt").read_text()

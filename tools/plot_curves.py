@@ -1,6 +1,6 @@
 """Plots valid bound against training steps for several runs.
 
-``python -m experiments.plot_curves --curves=docs/curves.json --output=docs/curves.png``
+``python -m tools.plot_curves --curves=docs/curves.json --output=docs/curves.png``
 
 ``--curves`` is a JSON list of {"label", "steps", "bounds", "source"}: the
 recorded evaluations of each run (``source`` says where they were read: a

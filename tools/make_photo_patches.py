@@ -1,6 +1,6 @@
 """Real colour photographs, cut into 32x32 patches, written as CIFAR-10 python batches.
 
-``python -m experiments.make_photo_patches --output_dir=DIR`` (needs the
+``python -m tools.make_photo_patches --output_dir=DIR`` (needs the
 ``[photos]`` extra: scikit-image, whose wheel ships a few colour photographs)
 writes ``DIR/cifar-10-batches-py/{data_batch_1..5, test_batch}`` in CIFAR-10's
 own format, so that the colour path can be trained and evaluated offline on
@@ -105,7 +105,7 @@ def main(argv: list[str]) -> None:
     with open(os.path.join(folder, "README.txt"), "w") as f:
         f.write(
             "32x32 patches of scikit-image's bundled photographs in CIFAR-10's python format, "
-            f"made by experiments.make_photo_patches (seed {FLAGS.seed}, short side {FLAGS.short_side}).\n"
+            f"made by tools.make_photo_patches (seed {FLAGS.seed}, short side {FLAGS.short_side}).\n"
             + "".join(f"{split}: {', '.join(p)}\n" for split, p in PHOTOS.items())
         )
     print(f"wrote {len(names)} batches to {folder}")

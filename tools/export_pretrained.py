@@ -1,6 +1,6 @@
 """Releases a trained workdir as a named pretrained model (parameters + card).
 
-``python -m experiments.export_pretrained --workdir=W --name=binarized_mnist_attention --data_dir=DIR``
+``python -m tools.export_pretrained --workdir=W --name=binarized_mnist_attention --data_dir=DIR``
 measures the bound on the whole valid split (and on the slice the tests
 re-measure), then writes ``draw_jax/pretrained/<name>.npz`` and ``<name>.json``
 (see ``draw_jax.pretrained``). Existing files are kept unless --overwrite.

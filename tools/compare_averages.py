@@ -7,10 +7,10 @@ on the same trajectory: no second run, no seed-to-seed noise in the comparison.
 Train with checkpoints every k steps and enough of them kept, then compare:
 
   python -m experiments.train ... --workdir=W --checkpoint_every=10 --keep_checkpoints=250
-  python -m experiments.compare_averages --workdir=W --decays=0.99,0.995,0.998 --tails=250,500
+  python -m tools.compare_averages --workdir=W --decays=0.99,0.995,0.998 --tails=250,500
 
 The average of decay d is updated once per kept checkpoint with decay d**k,
-bias-corrected from the first kept one (``draw_jax.averages``); with
+bias-corrected from the first kept one (``tools.averages``); with
 checkpoints at every step from step 1 it is exactly the run's own average,
 otherwise an approximation whose error the table shows (the run's own average
 is evaluated beside the reconstruction of its decay).
@@ -23,12 +23,12 @@ import os
 from absl import app, flags
 
 from draw_jax import train_step
-from draw_jax.averages import averages
 from draw_jax.checkpoint import Checkpointer
 from draw_jax.evaluation import SplitEvaluator
 from draw_jax.metrics import write_json
 from draw_jax.workdir import load_config
 from experiments import cli, common_flags
+from tools.averages import averages
 
 flags.DEFINE_list("decays", ["0.99", "0.995", "0.998"], "Moving-average decays to form (per step).")
 flags.DEFINE_list("tails", ["250", "500"], "Plain means of the last K steps' parameters, one per K.")

@@ -1,6 +1,6 @@
 """In-process speed A/B: the working tree's train step against a git commit's.
 
-``python -m experiments.compare_speed --base=e3725a8 --configs=paper_attention``
+``python -m tools.compare_speed --base=e3725a8 --configs=paper_attention``
 
 The machines this project is developed on drift by tens of percent within
 minutes, so step times from separate processes cannot be compared. This

@@ -1,4 +1,4 @@
-"""Parameter averages formed after a run from its raw checkpoints (``experiments.compare_averages``).
+"""Parameter averages formed after a run from its raw checkpoints (``tools.compare_averages``).
 
 A moving average of the parameters is linear in them, so any decay (and the
 plain mean of the last K steps, Polyak-Ruppert) can be rebuilt from raw

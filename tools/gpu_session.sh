@@ -4,8 +4,8 @@
 # A session lent a GPU has 15 minutes of device time in all (the machine's
 # start included), so the work is prepared here and runs there in one command:
 #
-#   bash experiments/gpu_session.sh --prepare   # here, on the CPU: wheels and data into .device/
-#   # then the device tool: run(command="bash experiments/gpu_session.sh",
+#   bash tools/gpu_session.sh --prepare   # here, on the CPU: wheels and data into .device/
+#   # then the device tool: run(command="bash tools/gpu_session.sh",
 #   #                           carry=[".device"], timeout_s=560)
 #
 # What it does there, each stage under its own time limit so that one slow
@@ -18,7 +18,7 @@
 #   3. train: the paper attention config at TRAIN_BATCH for about TRAIN_SECONDS
 #      of training (the step count comes from stage 2's step time, so the
 #      cosine schedule ends when the time does), evaluated on all of valid;
-#   4. release: experiments.export_pretrained of that run into $OUT (the
+#   4. release: tools.export_pretrained of that run into $OUT (the
 #      parameters, a few MB, and the card with its valid bound).
 # Results under $OUT (what the device tool brings back): summary.txt (also
 # printed last), bench_*.json, *.log, the released .npz / .json.
@@ -36,7 +36,7 @@
 # On the CPU, as a check of the script:
 #   OUT=/tmp/gpu_check BENCH_CONFIG=tiny SMALL_CONFIG=tiny BENCH_BATCHES=8 \
 #   TRAIN_BATCH=8 TRAIN_SECONDS=20 TRAIN_FLAGS="--T=3 --enc_size=16 --dec_size=16 --z_size=4" \
-#   bash experiments/gpu_session.sh
+#   bash tools/gpu_session.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -130,10 +130,10 @@ fi
 
 # 4. The run as a released model (parameters and card), into $OUT.
 if [[ " $STAGES " == *" release "* ]] && [ -d "$RUN" ]; then
-    timeout -s TERM 180 python3 -m experiments.export_pretrained --workdir="$RUN" \
+    timeout -s TERM 180 python3 -m tools.export_pretrained --workdir="$RUN" \
         --name=binarized_mnist_attention_gpu --output_dir="$OUT" --data_dir="$DATA" \
         --note="machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu)" \
-        --note="command=TRAIN_BATCH=$TRAIN_BATCH TRAIN_SECONDS=$TRAIN_SECONDS TRAIN_LR=$TRAIN_LR bash experiments/gpu_session.sh" \
+        --note="command=TRAIN_BATCH=$TRAIN_BATCH TRAIN_SECONDS=$TRAIN_SECONDS TRAIN_LR=$TRAIN_LR bash tools/gpu_session.sh" \
         >"$OUT/release.log" 2>&1
     note "release: exit $? $(ls "$OUT" | grep -c 'binarized_mnist_attention_gpu') files"
     grep -i 'valid' "$OUT/release.log" | tail -2 | tee -a "$summary"
