@@ -11,13 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Any
 
 import jax
 from flax import nnx
 
+from draw_jax import presets as presets_lib
 from draw_jax import train_step
 from draw_jax.checkpoint import Checkpointer
-from draw_jax.config import ConfigError, TrainConfig
+from draw_jax.config import SHORTHANDS, ConfigError, TrainConfig, settings
+from draw_jax.model import DRAW
 
 __all__ = [
     "CONFIG_FILE",
@@ -27,6 +30,7 @@ __all__ = [
     "load_config",
     "load_trained",
     "previous_config",
+    "resumed_config",
     "save_config",
 ]
 
@@ -98,6 +102,71 @@ def check_same_run(config: TrainConfig, previous: TrainConfig | None, workdir: s
     )
 
 
+# Settings a resumed run may change: how long it runs, how often it logs, saves
+# and evaluates, and where its (same) images are read from. Every other setting
+# is the run's own and comes from its config.json.
+RESUMABLE = frozenset(
+    {"num_steps", "num_epochs", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
+    | {"eval_examples", "steps_per_call", "data_dir", "tfds_data_dir", "device_data"}
+)
+
+
+def resumed_config(
+    previous: TrainConfig, workdir: str, preset: str | None = None, **given: Any
+) -> TrainConfig:
+    """The config that resumes the run in ``workdir``: its own ``config.json``, with the settings typed.
+
+    Only the settings given (by flag name, with ``preset`` standing for all of
+    its own) are compared with the run's: the defaults of this version of
+    draw_jax never are, so a run made under older defaults resumes with the
+    command that started it. ``RESUMABLE`` settings (run length, intervals,
+    where the data is read from) take the value given; raising ``--num_steps``
+    extends the run.
+
+    Raises:
+      ConfigError: a setting given contradicts the run's model, optimiser, data
+        or seed (each such flag named), or is unknown.
+    """
+    if preset is not None and preset not in presets_lib.PRESETS:
+        raise ConfigError(f"--preset must be one of {', '.join(presets_lib.PRESETS)}, got {preset!r}")
+    typed = dict(presets_lib.PRESETS[preset]) if preset else {}
+    for shorthand, (targets, _) in SHORTHANDS.items():
+        if given.get(shorthand) is not None:
+            typed.update(dict.fromkeys(targets, given[shorthand]))
+        given.pop(shorthand, None)
+    typed.update({name: value for name, value in given.items() if value is not None})
+    parts = {s.name: s.part for s in settings()}
+    unknown = sorted(set(typed) - set(parts))
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see --helpfull")
+    if "num_steps" in given and given.get("num_epochs") is not None:
+        raise ConfigError("--num_steps and --num_epochs both set: give one run length")
+    changes: dict[str, dict[str, Any]] = {"run": {}, "data": {}}
+    clashes = []
+    for name, value in typed.items():
+        part = getattr(previous, parts[name])
+        if name in RESUMABLE:
+            changes[parts[name]][name] = value
+            continue
+        # Compared as the config would hold it (--eval_split=validation is valid).
+        wanted = getattr(dataclasses.replace(part, **{name: value}), name)
+        if wanted != getattr(part, name):
+            clashes.append(f"--{name}={value!r} (the run has {getattr(part, name)!r})")
+    if clashes:
+        raise ConfigError(
+            f"--workdir={workdir} holds a run with other settings: {'; '.join(clashes)}. A resumed run "
+            "takes its settings from its config.json: leave these flags out to resume it, or use a new "
+            "--workdir; nothing there was changed."
+        )
+    if "num_steps" in changes["run"]:
+        changes["run"]["num_epochs"] = None
+    return dataclasses.replace(
+        previous,
+        run=dataclasses.replace(previous.run, **changes["run"]),
+        data=dataclasses.replace(previous.data, **changes["data"]),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Trained:
     """A finished (or interrupted) run's model: config, graph, parameters, step.
@@ -110,6 +179,11 @@ class Trained:
     graphdef: nnx.GraphDef
     params: train_step.Params
     step: int
+
+    @property
+    def model(self) -> DRAW:
+        """The DRAW module with these parameters, ready to call and to sample from."""
+        return train_step.apply_model(self.graphdef, self.params)
 
 
 def load_trained(workdir: str, step: int | None = None) -> Trained:

@@ -23,6 +23,7 @@ __all__ = [
     "config_from_flags",
     "define_config_flags",
     "fail",
+    "typed_settings",
     "user_errors_as_messages",
 ]
 
@@ -77,11 +78,17 @@ def define_config_flags(only: Iterable[str] | None = None, *, defaults_from: str
     return names
 
 
-def config_from_flags(names: Iterable[str]) -> TrainConfig:
-    """``build_config`` from the flags given on the command line (unset ones keep their default)."""
+def typed_settings(names: Iterable[str]) -> tuple[str | None, dict[str, Any]]:
+    """(--preset, {setting: value}) of the flags typed on the command line, unset ones left out."""
     f = flags.FLAGS
     given: dict[str, Any] = {name: f[name].value for name in names if f[name].present and name != "preset"}
-    return build_config(f["preset"].value if "preset" in f else None, **given)
+    return (f["preset"].value if "preset" in f else None), given
+
+
+def config_from_flags(names: Iterable[str]) -> TrainConfig:
+    """``build_config`` from the flags given on the command line (unset ones keep their default)."""
+    preset, given = typed_settings(names)
+    return build_config(preset, **given)
 
 
 def fail(message: str, code: int = 2) -> None:

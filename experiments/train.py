@@ -4,8 +4,9 @@ Flags (one per setting of ``draw_jax.config``, made from its declarations) ->
 ``build_config`` -> ``draw_jax.train_loop.train_and_evaluate``. Defaults are
 the paper's MNIST setup (binarized MNIST, T=64, 256/256 LSTMs, z 100, read 2x2,
 write 5x5, batch 100); ``--preset`` picks another named configuration. Re-running
-the same command in the same --workdir resumes it; Ctrl-C or SIGTERM (``timeout``,
-``kill``, a scheduler) keeps the last completed checkpoint for that.
+the same command in the same --workdir resumes it, with the settings of the
+run's own config.json (``workdir.resumed_config``); Ctrl-C or SIGTERM
+(``timeout``, ``kill``, a scheduler) keeps the last completed checkpoint for that.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import jax
 from absl import app, flags, logging
 
+from draw_jax import workdir as workdir_lib
 from draw_jax.train_loop import TrainingDiverged, TrainingInterrupted, train_and_evaluate
 from experiments import cli
 
@@ -29,7 +31,15 @@ FLAGS = flags.FLAGS
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise cli.ConfigError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
-    config = cli.config_from_flags(SETTINGS)  # validated before anything is loaded or compiled
+    # Validated before anything is loaded or compiled. A run already in --workdir
+    # resumes with its own config.json; only the flags typed are checked against it.
+    previous = workdir_lib.previous_config(FLAGS.workdir)
+    if previous is None:
+        config = cli.config_from_flags(SETTINGS)
+    else:
+        preset, given = cli.typed_settings(SETTINGS)
+        config = workdir_lib.resumed_config(previous, FLAGS.workdir, preset, **given)
+        logging.info("resuming the run in %s with its config.json", FLAGS.workdir)
     if FLAGS.distributed:
         jax.distributed.initialize()
     logging.info("devices: %s", jax.devices())

@@ -296,6 +296,29 @@ def test_workdir_of_a_different_run_is_refused(small_data, tmp_path):
         train_and_evaluate(other, workdir)
 
 
+def test_a_resumed_run_takes_its_settings_from_its_config_json(small_data, tmp_path):
+    # A run made with a non-default Adam beta1 resumes with a command that
+    # leaves --adam_b1 out (a default that changed since never blocks a resume)
+    # and raises --num_steps; a typed setting that contradicts the run's model
+    # is refused by name, before anything is loaded, and nothing is changed.
+    workdir = str(tmp_path / "b1")
+    train_and_evaluate(tiny_config(small_data, num_steps=8, adam_b1=0.7, checkpoint_every=4), workdir)
+    before = open(f"{workdir}/config.json").read()
+    run_cli(
+        "experiments.train", *TINY_FLAGS, f"--data_dir={small_data}", f"--workdir={workdir}",
+        "--num_steps=12", "--batch_size=50", "--eval_examples=100",
+    )  # fmt: skip
+    saved = json.load(open(f"{workdir}/config.json"))
+    assert saved["optim"]["adam_b1"] == 0.7 and saved["run"]["num_steps"] == 12
+    assert json.load(open(f"{workdir}/results.json"))["step"] == 12
+    resumed = open(f"{workdir}/config.json").read()
+    refused = run_cli("experiments.train", f"--workdir={workdir}", "--z_size=9", "--adam_b1=0.7", ok=False)
+    message = " ".join(refused.stderr.split())  # one wrapped paragraph
+    assert refused.returncode == 2 and "Traceback" not in message
+    assert "--z_size=9 (the run has 8)" in message and "adam_b1" not in message
+    assert open(f"{workdir}/config.json").read() == resumed != before
+
+
 def test_small_config_does_not_collapse_to_the_prior(small_data, tmp_path):
     # The blog ports' small configuration (T=10, z=10) on real data: with the
     # tiling window initialisation the KL stays well above 0 (no collapse).
@@ -465,7 +488,7 @@ def test_averages_rebuilt_from_raw_checkpoints_equal_the_runs_own(small_data, tm
     # compare_averages forms other decays after the fact: with a checkpoint at
     # every step from step 1, the rebuilt average of the run's own decay must be
     # the run's average, and a tail mean the plain mean of those steps' parameters.
-    from draw_jax.averages import averages
+    from tools.averages import averages
 
     workdir = str(tmp_path / "run")
     cfg = tiny_config(small_data, num_steps=6, checkpoint_every=1, keep_checkpoints=10, ema_decay=0.8)
@@ -506,17 +529,17 @@ def test_averages_rebuilt_from_raw_checkpoints_equal_the_runs_own(small_data, tm
     assert loaded == []  # refused before restoring anything
     # The command prints the rebuilt and the run's own average side by side, equal.
     out = run_cli(
-        "experiments.compare_averages", f"--workdir={workdir}", "--decays=0.8", "--tails=3",
+        "tools.compare_averages", f"--workdir={workdir}", "--decays=0.8", "--tails=3",
         "--eval_examples=100", f"--output={tmp_path / 'avg.json'}",
     ).stdout  # fmt: skip
     table = json.load(open(tmp_path / "avg.json"))
     assert table["ema0.8"] == pytest.approx(table["run's own average (decay 0.8)"], abs=1e-3), out
     assert table["raw"] != table["ema0.8"] and "tail3" in out
     again = run_cli(
-        "experiments.compare_averages", f"--workdir={workdir}", f"--output={tmp_path / 'avg.json'}", ok=False
+        "tools.compare_averages", f"--workdir={workdir}", f"--output={tmp_path / 'avg.json'}", ok=False
     )
     assert again.returncode != 0 and "exists" in again.stderr
-    negative = run_cli("experiments.compare_averages", f"--workdir={workdir}", "--eval_examples=-5", ok=False)
+    negative = run_cli("tools.compare_averages", f"--workdir={workdir}", "--eval_examples=-5", ok=False)
     assert negative.returncode != 0 and "--eval_examples must be >= 0" in negative.stderr
 
 
