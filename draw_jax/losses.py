@@ -40,11 +40,14 @@ class Bound(NamedTuple):
     """Batch-averaged parts of the bound, in nats per image.
 
     Attributes:
-      loss: scalar, recon + kl (what the paper reports as the NLL bound).
-      recon: scalar, L^x.
-      kl: scalar, L^z summed over steps.
-      kl_per_step: [T], KL of each step.
-      per_example: [b], the bound of each image (for evaluation over a split).
+      loss: scalar, the training objective: mean of recon + kl_weight * kl.
+        With ``kl_weight`` 1 (the default, and always at evaluation) it is the
+        paper's bound; during a KL warm-up it is smaller than the bound.
+      recon: scalar, L^x (eq. 9).
+      kl: scalar, L^z summed over steps (eq. 11), never weighted.
+      kl_per_step: [T], KL of each step, never weighted.
+      per_example: [b], each image's bound L^x + L^z (eq. 12), never weighted: the
+        paper's number is its mean over a split.
     """
 
     loss: jax.Array

@@ -1,4 +1,11 @@
-"""Released trained models, loadable by name: ``load("binarized_mnist_attention")``.
+"""Released trained models, loadable by name.
+
+Example (the released model's valid bound is in its card; see README.md):
+  >>> import jax
+  >>> from draw_jax import pretrained
+  >>> model, config = pretrained.load_model("binarized_mnist_attention")
+  >>> model.generate(jax.random.key(0), 4).canvases.shape  # T canvases of 4 samples
+  (64, 4, 28, 28, 1)
 
 A released model is two files in ``draw_jax/pretrained/``:
 
@@ -9,7 +16,7 @@ A released model is two files in ``draw_jax/pretrained/``:
   the ``.npz``. Loading verifies the checksum before reading a byte of the
   parameters, so a corrupted or truncated file is refused with its name.
 
-``experiments.export_pretrained`` writes both from a training workdir;
+``tools.export_pretrained`` writes both from a training workdir;
 ``experiments.sample`` / ``experiments.evaluate`` take ``--pretrained=NAME``
 and ``experiments.train`` ``--init_from=NAME``.
 """
@@ -28,6 +35,7 @@ import numpy as np
 
 from draw_jax import train_step
 from draw_jax.config import ConfigError, TrainConfig
+from draw_jax.model import DRAW
 from draw_jax.workdir import Trained
 
 __all__ = [
@@ -38,6 +46,7 @@ __all__ = [
     "available",
     "load",
     "load_card",
+    "load_model",
     "resolve",
     "save",
 ]
@@ -179,6 +188,17 @@ def load(name_or_path: str) -> Trained:
         leaves.append(jax.numpy.asarray(got[key]))
     params = jax.tree_util.tree_unflatten(treedef, leaves)
     return Trained(config=card.config, graphdef=graphdef, params=params, step=card.step)
+
+
+def load_model(name_or_path: str) -> tuple[DRAW, TrainConfig]:
+    """A released model as a DRAW module ready to call and sample, and the config it was trained with.
+
+    ``model(x, key)`` encodes and reconstructs images x [b, h, w, c] in [0, 1]
+    (``draw_bound(model(x, key), x)`` is their bound); ``model.generate(key, b)``
+    draws b samples from the prior. Same checks and errors as ``load``.
+    """
+    trained = load(name_or_path)
+    return trained.model, trained.config
 
 
 def save(
