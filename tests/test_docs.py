@@ -61,4 +61,4 @@ def test_the_package_gives_its_public_modules_and_names():
         assert getattr(draw_jax, name) is not None
     assert draw_jax.pretrained.available()  # a module reached by attribute, no import needed
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        draw_jax.nope  # noqa: B018
+        draw_jax.nope

@@ -83,7 +83,9 @@ def main(argv: list[str]) -> None:
         )
     ax.axhline(80.97, color="grey", linestyle="--", linewidth=1, label="paper, attention: 80.97")
     ax.axhline(87.40, color="grey", linestyle=":", linewidth=1, label="paper, no attention: 87.40")
-    ax.axhline(81.9, color="tab:red", linestyle="-.", linewidth=1, label="jbornschein/draw, attention (test): ~81.9")
+    ax.axhline(
+        81.9, color="tab:red", linestyle="-.", linewidth=1, label="jbornschein/draw, attention (test): ~81.9"
+    )
     ax.set_ylim(75, FLAGS.ymax)
     ax.set_xlabel("training steps (batch 100)")
     ax.set_ylabel("valid bound (nats)")
