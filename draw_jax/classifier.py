@@ -89,7 +89,14 @@ class AttentionClassifier(nnx.Module):
         (c, h), _ = self.lstm((c, h), patch.reshape(patch.shape[0], -1))
         return (c, h), (patch, win)
 
-    def __call__(self, images: jax.Array, *, python_loop: bool = False) -> ClassifierOutputs:
+    def initial_carry(self, batch: int) -> tuple[jax.Array, jax.Array]:
+        """The learned initial LSTM state (c_0, h_0), [b, hidden] each."""
+        hidden = self.config.hidden
+        return jnp.broadcast_to(self.c0[...], (batch, hidden)), jnp.broadcast_to(
+            self.h0[...], (batch, hidden)
+        )
+
+    def __call__(self, images: jax.Array) -> ClassifierOutputs:
         """images: [b, h, w, c], values in [0, 1] (uint8 0..255 is scaled). Returns ``ClassifierOutputs``."""
         cfg = self.config
         if images.ndim != 4 or tuple(images.shape[1:]) != (cfg.height, cfg.width, cfg.channels):
@@ -99,21 +106,9 @@ class AttentionClassifier(nnx.Module):
             )
         if jnp.issubdtype(images.dtype, jnp.integer):
             images = images.astype(jnp.float32) / 255.0
-        b = images.shape[0]
-        carry = (
-            jnp.broadcast_to(self.c0[...], (b, cfg.hidden)),
-            jnp.broadcast_to(self.h0[...], (b, cfg.hidden)),
+        carry, (glimpses, windows) = jax.lax.scan(
+            lambda c, _: self.step(c, images), self.initial_carry(images.shape[0]), None, length=cfg.glimpses
         )
-        if python_loop:
-            outs = []
-            for _ in range(cfg.glimpses):
-                carry, out = self.step(carry, images)
-                outs.append(out)
-            glimpses, windows = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        else:
-            carry, (glimpses, windows) = jax.lax.scan(
-                lambda c, _: self.step(c, images), carry, None, length=cfg.glimpses
-            )
         return ClassifierOutputs(self.to_logits(carry[1]), windows, glimpses)
 
 
