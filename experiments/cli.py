@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging as logging_std
+import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterable
@@ -19,6 +20,7 @@ from draw_jax.data import DataError
 __all__ = [
     "USER_ERRORS",
     "ConfigError",
+    "check_folder",
     "DataError",
     "config_from_flags",
     "define_config_flags",
@@ -89,6 +91,12 @@ def config_from_flags(names: Iterable[str]) -> TrainConfig:
     """``build_config`` from the flags given on the command line (unset ones keep their default)."""
     preset, given = typed_settings(names)
     return build_config(preset, **given)
+
+
+def check_folder(flag: str, path: str) -> None:
+    """Refuses, naming the flag, a path given for a folder that exists and is not one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"--{flag}={path} is a file, not a folder: give a folder (it is made if missing)")
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -67,6 +67,7 @@ def main(argv: list[str]) -> None:
         if getattr(FLAGS, name) < 1:
             raise cli.ConfigError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
     out_dir = FLAGS.output_dir
+    cli.check_folder("output_dir", out_dir)
     existing = [f for f in OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
     if existing and not FLAGS.overwrite:
         raise cli.ConfigError(

@@ -33,6 +33,7 @@ def main(argv: list[str]) -> None:
         raise cli.ConfigError(f"unexpected arguments {argv[1:]}; every setting is a --flag")
     # Validated before anything is loaded or compiled. A run already in --workdir
     # resumes with its own config.json; only the flags typed are checked against it.
+    cli.check_folder("workdir", FLAGS.workdir)
     previous = workdir_lib.previous_config(FLAGS.workdir)
     if previous is None:
         config = cli.config_from_flags(SETTINGS)

@@ -319,6 +319,18 @@ def test_a_resumed_run_takes_its_settings_from_its_config_json(small_data, tmp_p
     assert open(f"{workdir}/config.json").read() == resumed != before
 
 
+def test_a_file_where_a_folder_is_expected_is_refused_at_start(tmp_path):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for module, flag in (("experiments.train", "--workdir"), ("experiments.sample", "--output_dir")):
+        extra = ["--pretrained=binarized_mnist_attention"] if module == "experiments.sample" else []
+        proc = run_cli(module, f"{flag}={a_file}", *extra, ok=False)
+        message = " ".join(proc.stderr.split())
+        assert proc.returncode == 2 and "Traceback" not in message, message
+        assert f"{flag}={a_file} is a file, not a folder" in message
+    assert a_file.read_text() == "mine"
+
+
 def test_small_config_does_not_collapse_to_the_prior(small_data, tmp_path):
     # The blog ports' small configuration (T=10, z=10) on real data: with the
     # tiling window initialisation the KL stays well above 0 (no collapse).
