@@ -119,7 +119,7 @@ def test_sample_from_a_release_without_data_writes_the_samples(tmp_path):
 
 
 def test_the_gpu_session_script_trains_and_releases_a_model(shared_data, tmp_path):
-    # tools/gpu_session.sh runs once, on a lent GPU with 15 minutes in all:
+    # tools/gpu_session.sh runs once, on a GPU machine with 15 minutes in all:
     # its train and release stages, here on the CPU at a tiny size, must leave a
     # loadable released model whose card holds the bound the log reports.
     import subprocess

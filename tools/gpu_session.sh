@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# The GPU parts of the speed and quality issues, as one call of the device tool.
+# Benchmark, train and release on a GPU machine in one command, sized for a
+# 15-minute slot of GPU time (the machine's start included); the work is
+# prepared on the CPU machine first:
 #
-# A session lent a GPU has 15 minutes of device time in all (the machine's
-# start included), so the work is prepared here and runs there in one command:
-#
-#   bash tools/gpu_session.sh --prepare   # here, on the CPU: wheels and data into .device/
-#   # then the device tool: run(command="bash tools/gpu_session.sh",
-#   #                           carry=[".device"], timeout_s=560)
+#   bash tools/gpu_session.sh --prepare   # on the CPU machine: wheels and data into .device/
+#   # then, on the GPU machine, with .device/ copied beside the clone:
+#   #   bash tools/gpu_session.sh          (give it ~560 s)
 #
 # What it does there, each stage under its own time limit so that one slow
 # stage cannot take the others' time:
@@ -20,7 +19,7 @@
 #      cosine schedule ends when the time does), evaluated on all of valid;
 #   4. release: tools.export_pretrained of that run into $OUT (the
 #      parameters, a few MB, and the card with its valid bound).
-# Results under $OUT (what the device tool brings back): summary.txt (also
+# Results under $OUT (the folder copied back from the GPU machine): summary.txt (also
 # printed last), bench_*.json, *.log, the released .npz / .json.
 #
 # Settings (environment): STAGES ("bench train release"), BENCH_BATCHES
