@@ -39,6 +39,7 @@ __all__ = [
     "Setting",
     "TrainConfig",
     "build_config",
+    "chosen_settings",
     "settings",
 ]
 
@@ -432,6 +433,30 @@ SHORTHANDS = {
 }
 
 
+def chosen_settings(preset: str | None = None, **values: Any) -> dict[str, Any]:
+    """The settings asked for, by name: the preset's, then ``attention`` (both read and
+    write), then every other setting given; a setting given as None is left out.
+
+    Raises:
+      ConfigError: an unknown preset or setting, or both run lengths given.
+    """
+    if preset is not None and preset not in presets_lib.PRESETS:
+        raise ConfigError(f"--preset must be one of {', '.join(presets_lib.PRESETS)}, got {preset!r}")
+    chosen = dict(presets_lib.PRESETS[preset]) if preset else {}
+    values = {name: value for name, value in values.items() if value is not None}  # None: the default
+    for shorthand, (targets, _) in SHORTHANDS.items():
+        if values.get(shorthand) is not None:
+            chosen.update(dict.fromkeys(targets, values[shorthand]))
+        values.pop(shorthand, None)
+    unknown = sorted(set(values) - {s.name for s in settings()})
+    if unknown:
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see --helpfull")
+    if values.get("num_epochs") is not None and "num_steps" in values:
+        raise ConfigError("--num_steps and --num_epochs both set: give one run length")
+    chosen.update(values)
+    return chosen
+
+
 def build_config(preset: str | None = None, **values: Any) -> TrainConfig:
     """The ``TrainConfig`` of a named preset with some settings changed, by flag name.
 
@@ -444,21 +469,9 @@ def build_config(preset: str | None = None, **values: Any) -> TrainConfig:
     Raises:
       ConfigError: an unknown preset or setting, or a bad value (naming its flag).
     """
-    if preset is not None and preset not in presets_lib.PRESETS:
-        raise ConfigError(f"--preset must be one of {', '.join(presets_lib.PRESETS)}, got {preset!r}")
-    chosen = dict(presets_lib.PRESETS[preset]) if preset else {}
-    values = {name: value for name, value in values.items() if value is not None}  # None: the default
+    chosen = chosen_settings(preset, **values)
+    values = {name: value for name, value in values.items() if value is not None}
     names = {s.name: s.part for s in settings()}
-    for shorthand, (targets, _) in SHORTHANDS.items():
-        if values.get(shorthand) is not None:
-            chosen.update(dict.fromkeys(targets, values[shorthand]))
-        values.pop(shorthand, None)
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see --helpfull")
-    if values.get("num_epochs") is not None and "num_steps" in values:
-        raise ConfigError("--num_steps and --num_epochs both set: give one run length")
-    chosen.update(values)
     if chosen.get("num_epochs") is not None:
         chosen.pop("num_steps", None)
     parts: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}

@@ -16,10 +16,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from draw_jax import presets as presets_lib
 from draw_jax import train_step
 from draw_jax.checkpoint import Checkpointer
-from draw_jax.config import SHORTHANDS, ConfigError, TrainConfig, settings
+from draw_jax.config import ConfigError, TrainConfig, chosen_settings, settings
 from draw_jax.model import DRAW
 
 __all__ = [
@@ -127,20 +126,8 @@ def resumed_config(
       ConfigError: a setting given contradicts the run's model, optimiser, data
         or seed (each such flag named), or is unknown.
     """
-    if preset is not None and preset not in presets_lib.PRESETS:
-        raise ConfigError(f"--preset must be one of {', '.join(presets_lib.PRESETS)}, got {preset!r}")
-    typed = dict(presets_lib.PRESETS[preset]) if preset else {}
-    for shorthand, (targets, _) in SHORTHANDS.items():
-        if given.get(shorthand) is not None:
-            typed.update(dict.fromkeys(targets, given[shorthand]))
-        given.pop(shorthand, None)
-    typed.update({name: value for name, value in given.items() if value is not None})
+    typed = chosen_settings(preset, **given)
     parts = {s.name: s.part for s in settings()}
-    unknown = sorted(set(typed) - set(parts))
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see --helpfull")
-    if "num_steps" in given and given.get("num_epochs") is not None:
-        raise ConfigError("--num_steps and --num_epochs both set: give one run length")
     changes: dict[str, dict[str, Any]] = {"run": {}, "data": {}}
     clashes = []
     for name, value in typed.items():
@@ -158,7 +145,7 @@ def resumed_config(
             "takes its settings from its config.json: leave these flags out to resume it, or use a new "
             "--workdir; nothing there was changed."
         )
-    if "num_steps" in changes["run"]:
+    if "num_steps" in changes["run"] and "num_epochs" not in changes["run"]:
         changes["run"]["num_epochs"] = None
     return dataclasses.replace(
         previous,
