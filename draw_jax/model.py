@@ -233,14 +233,14 @@ class DRAW(nnx.Module):
             tile(self.cell_dec0),
         )
 
-    def _read(
-        self, x: jax.Array, x_hat: jax.Array, h_dec: jax.Array
-    ) -> tuple[jax.Array, attention.Window | None]:
-        """r_t from x, x_hat [b, h, w, c] and h^dec_{t-1}: eq. 17 or eq. 27."""
+    def _read(self, x: jax.Array, x_hat: jax.Array, h_dec: jax.Array) -> tuple[jax.Array, attention.Window]:
+        """r_t from x, x_hat [b, h, w, c] and h^dec_{t-1} with read attention: eq. 27.
+
+        (Without it r_t = [x, x_hat], eq. 17, and ``_step`` feeds the encoder
+        x_hat with x's share of the gates from ``image_gates``.)
+        """
         cfg = self.config
         b = x.shape[0]
-        if not cfg.read_attention:
-            return jnp.concatenate([x.reshape(b, -1), x_hat.reshape(b, -1)], axis=-1), None
         params = self.read_window(h_dec).astype(jnp.float32)
         win = attention.window_from_params(params, n=cfg.read_n, height=cfg.height, width=cfg.width)
         # One read for both images, stacked channels-first (no transposing copy; for
@@ -281,7 +281,7 @@ class DRAW(nnx.Module):
         r_t = [x, x_hat_t] (eq. 17), so the part of eq. 5's gate matmul that
         multiplies x itself is the same at every step: the T-step loop takes it
         once per image instead of T times (the paper's no-attention train step
-        in 0.69x the time; BUILD_NOTES.md, "Speed").
+        in ~0.71x the time; BUILD_NOTES.md, "Speed").
         """
         if self.config.read_attention:
             return None
