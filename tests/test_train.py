@@ -564,10 +564,16 @@ def test_signals_during_a_checkpoint_write_are_held_back_then_handled_as_before(
     from draw_jax import interrupts
 
     finished = []
-    with pytest.raises(KeyboardInterrupt) as info:
-        with interrupts.deferred():
-            signal.raise_signal(signal.SIGINT)
-            finished.append("sigint")
+    # Ctrl-C's Python default, whatever this process inherited (a job started in the
+    # background of a non-interactive shell starts with SIGINT ignored).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as info:
+            with interrupts.deferred():
+                signal.raise_signal(signal.SIGINT)
+                finished.append("sigint")
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert finished == ["sigint"] and not isinstance(info.value, interrupts.Terminated)
     assert interrupts.signal_of(info.value) == signal.SIGINT
 
