@@ -1,27 +1,28 @@
 """Training the cluttered-MNIST attention classifier: ``train_classifier(config, workdir)``.
 
-The same machinery as DRAW's training, reused rather than copied: clipped Adam
-and its schedules (``train_step.make_optimizer``), ``TrainState``, epoch orders
-from (seed, epoch) (``feeding.epoch_permutation``), data parallelism
-(``parallel.Parallel``), orbax checkpoints (``checkpoint.Checkpointer``),
-TensorBoard writers and JSON (``metrics``). Resuming repeats an uninterrupted
-run: the batches of step s depend only on the seeds and s.
+The classifier is a task of the one training loop (``loop.run``), as DRAW is:
+the loop restores, logs, checkpoints, evaluates and handles divergence and
+interrupts; this module gives the classifier's config, state, train step,
+feeder and evaluation. It shares DRAW's clipped Adam and its schedules
+(``train_step.make_optimizer``), ``TrainState``, the data order
+(``feeding.train_indices``) and data parallelism (``parallel.Parallel``).
+Resuming repeats an uninterrupted run: the batches of step s depend only on
+the seeds and s.
 
 Workdir: ``config.json``, ``checkpoints/``, ``tb/{train,valid}``, ``results.json``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import logging
 from flax import nnx
 
@@ -29,7 +30,9 @@ from draw_jax import cluttered, feeding, train_step
 from draw_jax.checkpoint import Checkpointer
 from draw_jax.classifier import AttentionClassifier, ClassifierConfig, loss_and_accuracy
 from draw_jax.config import ConfigError, OptimConfig
-from draw_jax.metrics import MetricWriter, TrainingDiverged, write_json
+from draw_jax.loop import Schedule
+from draw_jax.loop import run as run_loop
+from draw_jax.metrics import MetricWriter, write_json
 from draw_jax.parallel import Parallel
 
 __all__ = [
@@ -133,14 +136,10 @@ def make_classifier_step(graphdef: nnx.GraphDef, optimizer, batch_sharding=None,
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
-        metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax_norm(grads)}
+        metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
         return train_step.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return jax.jit(step, donate_argnums=0) if jit else step
-
-
-def optax_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def evaluate_error(
@@ -170,15 +169,69 @@ def evaluate_error(
     return {"error_percent": 100.0 * wrong / count, "xent": xent / count, "num_images": count}
 
 
-def _batches(data: cluttered.ClutteredMNIST, batch_size: int, seed: int, start_step: int):
-    m = len(data)
-    steps_per_epoch = m // batch_size
-    epoch, offset = divmod(start_step, steps_per_epoch)
-    while True:
-        perm = feeding.epoch_permutation(seed, epoch, m)
-        for i in range(offset, steps_per_epoch):
-            yield data.batch(perm[i * batch_size : (i + 1) * batch_size])
-        epoch, offset = epoch + 1, 0
+class _ClassifierFeeder:
+    """One host batch per step, in ``feeding.train_indices``' order (the ``feeding.Feeder`` protocol)."""
+
+    steps_per_call = 1
+
+    def __init__(self, step_fn, train: cluttered.ClutteredMNIST, config: ClassifierRunConfig,
+                 parallel: Parallel, start_step: int) -> None:  # fmt: skip
+        self._step_fn, self._train, self._parallel = step_fn, train, parallel
+        self._order = feeding.train_indices(len(train), config.batch_size, config.seed, start_step)
+
+    def __call__(self, state, step, num_steps):
+        images, labels = self._train.batch(next(self._order))
+        put = self._parallel.put_batch
+        state, metrics = self._step_fn(state, put(images), put(labels))
+        return state, jax.tree.map(lambda a: a[None], metrics), 1
+
+
+class _ClassifierTask:
+    """The classifier as ``loop.run`` trains it (see ``loop.Task``)."""
+
+    eval_split = "valid"
+
+    def __init__(self, config: ClassifierRunConfig, train, valid, parallel: Parallel) -> None:
+        self.config, self.train, self.valid, self.parallel = config, train, valid, parallel
+        self.schedule = Schedule(
+            num_steps=config.num_steps,
+            batch_size=config.batch_size,
+            log_every=config.log_every,
+            checkpoint_every=config.checkpoint_every,
+            eval_every=config.eval_every,
+            keep_checkpoints=config.keep_checkpoints,
+        )
+        self.replicated = parallel.replicated
+        self.graphdef, self._state, optimizer = _init(config)
+        self._step_fn = make_classifier_step(self.graphdef, optimizer, parallel.batch)
+
+    def init_state(self) -> train_step.TrainState:
+        return self._state
+
+    def first_state(self, state: train_step.TrainState) -> train_step.TrainState:
+        return state
+
+    def feeder(self, start_step: int) -> _ClassifierFeeder:
+        return _ClassifierFeeder(self._step_fn, self.train, self.config, self.parallel, start_step)
+
+    def summary(self, means: dict[str, float]) -> str:
+        return f"loss {means['loss']:.4f}  accuracy {means['accuracy']:.3f}  |g| {means['grad_norm']:.2f}"
+
+    def evaluate(
+        self, state: train_step.TrainState, step: int, writer: MetricWriter | None
+    ) -> dict[str, float]:
+        res = evaluate_error(self.graphdef, state.params, self.valid, self.config.eval_examples)
+        if writer is not None:
+            writer.scalars(step, {"error_percent": res["error_percent"], "loss": res["xent"]})
+        logging.info("step %d  valid error %.2f%%  xent %.4f (%d images)", step,
+                     res["error_percent"], res["xent"], res["num_images"])  # fmt: skip
+        return res
+
+    def divergence_advice(self) -> str:
+        return "Try a lower --learning_rate or --clip_norm."
+
+    def results(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict()}
 
 
 def train_classifier(config: ClassifierRunConfig, workdir: str) -> dict[str, Any]:
@@ -188,6 +241,7 @@ def train_classifier(config: ClassifierRunConfig, workdir: str) -> dict[str, Any
       ConfigError: the workdir holds a different run, or a setting does not fit.
       DataError: MNIST files missing or malformed.
       TrainingDiverged: the loss became non-finite (the last good checkpoint is kept).
+      TrainingInterrupted: Ctrl-C or SIGTERM (the last completed checkpoint is kept).
     """
     config_path = os.path.join(workdir, "config.json")
     if os.path.isfile(config_path):
@@ -204,63 +258,8 @@ def train_classifier(config: ClassifierRunConfig, workdir: str) -> dict[str, Any
         raise ConfigError(
             f"--batch_size={config.batch_size} is larger than the training split ({len(train)})"
         )
-    parallel = Parallel.create(config.batch_size)
-    graphdef, state, optimizer = _init(config)
-    step_fn = make_classifier_step(graphdef, optimizer, parallel.batch)
-    results_path = os.path.join(workdir, "results.json")
-    results: dict[str, Any] = {}
-    if os.path.isfile(results_path):  # a finished run re-run keeps its figures (e.g. its test error)
-        with open(results_path) as f:
-            results = json.load(f)
-
-    with contextlib.ExitStack() as stack:
-        checkpoints = stack.enter_context(Checkpointer(workdir, keep=config.keep_checkpoints))
-        if checkpoints.latest_step() is not None:
-            state = checkpoints.restore(state)
-            logging.info("resumed from %s at step %d", checkpoints.directory, int(state.step))
+    task = _ClassifierTask(config, train, valid, Parallel.create(config.batch_size))
+    if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         write_json(config_path, config.to_dict())
-        writers = {s: stack.enter_context(MetricWriter(workdir, s)) for s in ("train", "valid")}
-        state = jax.device_put(state, parallel.replicated)
-        step = int(state.step)
-        batches = _batches(train, config.batch_size, config.seed, step)
-        sums: dict[str, float] = {}
-        count, t0, last_valid = 0, time.perf_counter(), {}
-
-        def evaluate(step: int) -> None:
-            last_valid.update(evaluate_error(graphdef, state.params, valid, config.eval_examples))
-            writers["valid"].scalars(step, {"error_percent": last_valid["error_percent"],
-                                            "loss": last_valid["xent"]})  # fmt: skip
-            logging.info("step %d  valid error %.2f%%  xent %.4f (%d images)", step,
-                         last_valid["error_percent"], last_valid["xent"], last_valid["num_images"])  # fmt: skip
-
-        while step < config.num_steps:
-            images, labels = next(batches)
-            state, metrics = step_fn(state, parallel.put_batch(images), parallel.put_batch(labels))
-            step += 1
-            metrics = jax.device_get(metrics)
-            if not np.isfinite(metrics["loss"]):
-                raise TrainingDiverged(f"loss is {metrics['loss']} at step {step}; the last good checkpoint "
-                                       f"({checkpoints.latest_step()}) is kept in {checkpoints.directory}")  # fmt: skip
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
-            last = step == config.num_steps
-            if (config.log_every and step % config.log_every == 0) or last:
-                means = {k: v / count for k, v in sums.items()}
-                rate = count * config.batch_size / (time.perf_counter() - t0)
-                means["images_per_s"] = rate
-                writers["train"].scalars(step, means)
-                logging.info("step %d/%d  loss %.4f  accuracy %.3f  |g| %.2f  %.0f img/s", step,
-                             config.num_steps, means["loss"], means["accuracy"], means["grad_norm"], rate)  # fmt: skip
-                results["train"] = means
-                sums, count, t0 = {}, 0, time.perf_counter()
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
-                checkpoints.save(step, state)
-            if (config.eval_every and step % config.eval_every == 0) or last:
-                evaluate(step)
-        if not last_valid:
-            evaluate(step)
-        results.update(step=step, valid=dict(last_valid))
-        write_json(results_path, results)
-    return results
+    return run_loop(task, workdir)

@@ -38,6 +38,7 @@ __all__ = [
     "epoch_permutation",
     "permutation_key",
     "train_batches",
+    "train_indices",
 ]
 
 # Keeps the data-order stream apart from the parameter and training-noise streams.
@@ -64,23 +65,30 @@ def epoch_permutation(seed: int, epoch: int, m: int) -> np.ndarray:
     return np.asarray(device_epoch_permutation(seed, epoch, m))
 
 
-def train_batches(
-    images: np.ndarray, batch_size: int, seed: int, start_step: int = 0
-) -> Iterator[np.ndarray]:
-    """Endless shuffled training batches, uint8 [b, h, w, c], from ``start_step`` on.
+def train_indices(m: int, batch_size: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+    """Endless [b] indices of each step's training batch into a split of m, from ``start_step`` on.
 
-    Starting at ``start_step`` gives exactly the batches an uninterrupted run
-    would have seen from that step on (what resuming relies on). The batch size
-    must not exceed the split (``TrainConfig.resolve`` checks it).
+    Step s takes batch ``s % steps_per_epoch`` of epoch ``s // steps_per_epoch``'s
+    order (the device step, ``train_step.make_device_train_step``, does the same
+    on the device). Starting at ``start_step`` gives exactly the batches an
+    uninterrupted run would have seen from that step on (what resuming relies
+    on). The batch size must not exceed the split.
     """
-    m = images.shape[0]
     steps_per_epoch = m // batch_size
     epoch, offset = divmod(start_step, steps_per_epoch)
     while True:
         perm = epoch_permutation(seed, epoch, m)
         for i in range(offset, steps_per_epoch):
-            yield images[perm[i * batch_size : (i + 1) * batch_size]]
+            yield perm[i * batch_size : (i + 1) * batch_size]
         epoch, offset = epoch + 1, 0
+
+
+def train_batches(
+    images: np.ndarray, batch_size: int, seed: int, start_step: int = 0
+) -> Iterator[np.ndarray]:
+    """Endless shuffled training batches, uint8 [b, h, w, c], from ``start_step`` on (``train_indices``)."""
+    for idx in train_indices(images.shape[0], batch_size, seed, start_step):
+        yield images[idx]
 
 
 class Feeder(Protocol):

@@ -71,7 +71,7 @@ class MetricAccumulator:
                         f"the training {k} became {v[~np.isfinite(v)][0]} by step {step}. {hint}"
                     )
                 self._sums[k] = self._sums.get(k, 0) + v.sum(axis=0)
-            self._count += np.shape(m["bound"])[0]
+            self._count += np.shape(next(iter(m.values())))[0]
         self._pending = []
 
     def means(self) -> dict[str, np.ndarray]:

@@ -7,7 +7,8 @@ Defaults are the paper's (Table 3): 100 x 100 images with 8 pieces of clutter,
 paper's smaller set (4 pieces). Re-running the same command resumes;
 ``--pictures_dir`` draws the glimpse windows on test images from a finished
 run. The model lives in ``draw_jax.classifier`` (a user of
-``draw_jax.attention``), the loop in ``draw_jax.classifier_training``.
+``draw_jax.attention``), its training in ``draw_jax.classifier_training`` (a task of
+``draw_jax.loop``, DRAW's loop).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from draw_jax.classifier_training import (
     train_classifier,
 )
 from draw_jax.config import OptimConfig
-from draw_jax.metrics import TrainingDiverged, write_json
+from draw_jax.loop import TrainingDiverged, TrainingInterrupted
+from draw_jax.metrics import write_json
 from experiments import cli
 
 _RUN = ClassifierRunConfig()
@@ -121,6 +123,8 @@ def main(argv: list[str]) -> None:
         results = train_classifier(config, FLAGS.workdir)
     except TrainingDiverged as e:
         cli.fail(str(e), code=3)
+    except TrainingInterrupted as e:
+        cli.fail(str(e), code=128 + e.signal)  # 130 for Ctrl-C, 143 for SIGTERM
     if FLAGS.test:
         test = cluttered.load("test", variant=config.variant, seed=config.data_seed, data_dir=config.data_dir,
                               tfds_data_dir=config.tfds_data_dir)  # fmt: skip

@@ -483,7 +483,7 @@ def test_ctrl_c_inside_a_c_call_is_still_an_interrupt():
     # A SIGINT landing inside numpy's dtype machinery surfaces as SystemError
     # ("returned a result with an exception set") caused by the KeyboardInterrupt:
     # it must end the run like any Ctrl-C, not as a traceback. Other SystemErrors stay errors.
-    from draw_jax.train_loop import _is_interrupt
+    from draw_jax.loop import _is_interrupt
 
     try:
         try:
