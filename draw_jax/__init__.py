@@ -30,18 +30,29 @@ _NAMES = {
     "ConfigError": "config",
     "DrawConfig": "config",
     "TrainConfig": "config",
-    "build_config": "config",
+    "build_config": "settings",
 }
 # Public modules (``draw_jax.pretrained.load_model(...)`` works after ``import draw_jax``).
-_MODULES = ("attention", "config", "data", "evaluation", "losses", "model", "pretrained", "train_loop")
+_MODULES = (
+    "attention",
+    "config",
+    "data",
+    "evaluation",
+    "losses",
+    "model",
+    "pretrained",
+    "settings",
+    "train_loop",
+)
 
 __all__ = sorted([*_NAMES, *_MODULES])
 
 if TYPE_CHECKING:  # what a type checker and an IDE see; at run time, __getattr__ below
-    from draw_jax import attention, config, data, evaluation, losses, model, pretrained, train_loop  # noqa: F401
-    from draw_jax.config import ConfigError, DrawConfig, TrainConfig, build_config  # noqa: F401
+    from draw_jax import attention, config, data, evaluation, losses, model, pretrained, settings, train_loop  # noqa: F401
+    from draw_jax.config import ConfigError, DrawConfig, TrainConfig  # noqa: F401
     from draw_jax.losses import Bound, draw_bound  # noqa: F401
     from draw_jax.model import DRAW, DrawOutputs, Generation  # noqa: F401
+    from draw_jax.settings import build_config  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -4,17 +4,20 @@ Each setting is a field of one of four frozen dataclasses (model, optimiser,
 data, run), with its default and its help text in the field's metadata
 (``setting(...)``). Everything else is derived from these declarations:
 
-  * the absl flags of ``experiments/`` (``experiments.cli.define_config_flags``:
+  * the settings by flag name (``settings``: ``build_config``, the config a
+    command line or a notebook asks for, and the absl flags of ``experiments/``,
     one flag per field, same name, type, default and help);
-  * ``build_config(preset=None, **settings)``: the config a command line or a
-    notebook asks for, by flag name, on top of a named preset (``presets.py``);
   * ``TrainConfig.resolve``: what only the data and the workdir can decide (run
     length from ``num_epochs``, the cosine schedule's length, the batch size
     against the split), done once when a run starts;
   * ``config.json`` in the workdir (``to_dict`` / ``from_dict``).
 
-Validation lives here and only here; every error is a ``ConfigError`` whose
-message names the flag at fault (``--read_n ...``).
+Each setting, and each combination of settings, is validated here when its
+dataclass is built; every error is a ``ConfigError`` whose message names the
+flag at fault (``--read_n ...``). What only the data or the devices decide is
+checked where they are known (the image shape against the data set in
+``train_loop``, the batch against the device count in ``parallel``, the batch
+against the split in ``TrainConfig.resolve``).
 """
 
 from __future__ import annotations
@@ -22,12 +25,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
 from collections.abc import Mapping
 from typing import Any
 
 from draw_jax import data as data_lib
-from draw_jax import presets as presets_lib
 
 __all__ = [
     "LIKELIHOODS",
@@ -36,11 +37,8 @@ __all__ = [
     "DrawConfig",
     "OptimConfig",
     "RunConfig",
-    "Setting",
+    "PARTS",
     "TrainConfig",
-    "build_config",
-    "chosen_settings",
-    "settings",
 ]
 
 
@@ -288,7 +286,7 @@ class RunConfig:
         )
 
 
-_PARTS = {"model": DrawConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
+PARTS = {"model": DrawConfig, "optim": OptimConfig, "data": DataConfig, "run": RunConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -340,7 +338,7 @@ class TrainConfig:
             for name, before in _OPTIM_SINCE_ADDED.items():
                 d["optim"].setdefault(name, before)
         try:
-            return cls(**{part: klass(**d[part]) for part, klass in _PARTS.items()})
+            return cls(**{part: klass(**d[part]) for part, klass in PARTS.items()})
         except (KeyError, TypeError) as e:
             raise ConfigError(f"config does not match this version of draw_jax: {e}") from e
 
@@ -395,121 +393,4 @@ def _check_choice(cfg: Any, name: str) -> None:
         raise ConfigError(f"--{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-_FIELDS = {klass.__name__: {f.name: f for f in dataclasses.fields(klass)} for klass in _PARTS.values()}
-
-
-@dataclasses.dataclass(frozen=True)
-class Setting:
-    """One setting as a command line sees it (what ``experiments.cli`` makes a flag of)."""
-
-    name: str
-    part: str  # model, optim, data or run
-    type: type
-    default: Any
-    help: str
-    choices: tuple[str, ...] | None
-
-
-def settings() -> list[Setting]:
-    """Every typed setting, in declaration order (derived fields like ``height`` excluded)."""
-    out = []
-    for part, klass in _PARTS.items():
-        hints = typing.get_type_hints(klass)
-        for f in dataclasses.fields(klass):
-            if not f.metadata["flag"]:
-                continue
-            kind = next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
-            out.append(Setting(f.name, part, kind, f.default, f.metadata["help"], f.metadata["choices"]))
-    return out
-
-
-# Settings that stand for several fields at once.
-SHORTHANDS = {
-    "attention": (
-        ("read_attention", "write_attention"),
-        "Selective attention for read and write (the paper's two variants); "
-        "--read_attention / --write_attention override it for one of them.",
-    ),
-}
-
-
-def chosen_settings(preset: str | None = None, **values: Any) -> dict[str, Any]:
-    """The settings asked for, by name: the preset's, then ``attention`` (both read and
-    write), then every other setting given; a setting given as None is left out.
-
-    Raises:
-      ConfigError: an unknown preset or setting, or both run lengths given.
-    """
-    if preset is not None and preset not in presets_lib.PRESETS:
-        raise ConfigError(f"--preset must be one of {', '.join(presets_lib.PRESETS)}, got {preset!r}")
-    chosen = dict(presets_lib.PRESETS[preset]) if preset else {}
-    values = {name: value for name, value in values.items() if value is not None}  # None: the default
-    for shorthand, (targets, _) in SHORTHANDS.items():
-        if values.get(shorthand) is not None:
-            chosen.update(dict.fromkeys(targets, values[shorthand]))
-        values.pop(shorthand, None)
-    unknown = sorted(set(values) - {s.name for s in settings()})
-    if unknown:
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; see --helpfull")
-    if values.get("num_epochs") is not None and "num_steps" in values:
-        raise ConfigError("--num_steps and --num_epochs both set: give one run length")
-    chosen.update(values)
-    return chosen
-
-
-def build_config(preset: str | None = None, **values: Any) -> TrainConfig:
-    """The ``TrainConfig`` of a named preset with some settings changed, by flag name.
-
-    What a command line does (``experiments.train``) and what a notebook should:
-    ``build_config("paper_attention", num_epochs=3, data_dir="...")``. Settings
-    apply in this order: the preset, then ``attention`` (both read and write),
-    then every other setting given; a setting given as None keeps its default.
-    The image shape follows the data set.
-
-    Raises:
-      ConfigError: an unknown preset or setting, or a bad value (naming its flag).
-    """
-    chosen = chosen_settings(preset, **values)
-    values = {name: value for name, value in values.items() if value is not None}
-    names = {s.name: s.part for s in settings()}
-    if chosen.get("num_epochs") is not None:
-        chosen.pop("num_steps", None)
-    parts: dict[str, dict[str, Any]] = {part: {} for part in _PARTS}
-    for name, value in chosen.items():
-        parts[names[name]][name] = value
-    data = DataConfig(**parts["data"])
-    height, width, channels = data_lib.DATASETS[data.dataset].image_shape
-    # Binarised targets (--binarize=dynamic on a colour set) get the Bernoulli unless asked otherwise.
-    default_likelihood = (
-        "bernoulli" if data.binary_targets else data_lib.DATASETS[data.dataset].default_likelihood
-    )
-    parts["model"].setdefault("likelihood", default_likelihood)
-    model = DrawConfig(height=height, width=width, channels=channels, **parts["model"])
-    if chosen.get("init_from") is not None:
-        model = _model_of_released(chosen["init_from"], model, given={**values, **parts["model"]})
-    return TrainConfig(
-        model=model, optim=OptimConfig(**parts["optim"]), data=data, run=RunConfig(**parts["run"])
-    )
-
-
-def _model_of_released(name: str, model: DrawConfig, given: Mapping[str, Any]) -> DrawConfig:
-    """The model of ``--init_from=name``; model flags given must agree with it."""
-    from draw_jax import pretrained  # imports this module
-
-    released = pretrained.load_card(name).config.model
-    clashes = [
-        f"--{k}={given[k]!r} (it has {getattr(released, k)!r})"
-        for k in sorted(given)
-        if hasattr(released, k) and k not in _NOT_PARAMETERS and given[k] != getattr(released, k)
-    ]
-    if clashes:
-        raise ConfigError(f"--init_from={name} is a different model: {', '.join(clashes)}")
-    if released.image_shape != model.image_shape:
-        raise ConfigError(
-            f"--init_from={name} is a model of {released.image_shape} images; the data set has {model.image_shape}"
-        )
-    return dataclasses.replace(released, compute_dtype=model.compute_dtype)
-
-
-# Model settings that do not shape the parameters (an --init_from model takes any).
-_NOT_PARAMETERS = ("height", "width", "channels", "compute_dtype")
+_FIELDS = {klass.__name__: {f.name: f for f in dataclasses.fields(klass)} for klass in PARTS.values()}

@@ -28,13 +28,14 @@ import hashlib
 import json
 import os
 import zipfile
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
 from draw_jax import train_step
-from draw_jax.config import ConfigError, TrainConfig
+from draw_jax.config import ConfigError, DrawConfig, TrainConfig
 from draw_jax.model import DRAW
 from draw_jax.workdir import Trained
 
@@ -44,6 +45,7 @@ __all__ = [
     "Card",
     "PretrainedError",
     "available",
+    "init_from_model",
     "load",
     "load_card",
     "load_model",
@@ -248,3 +250,32 @@ def save(
         f.write("\n")
     os.replace(card_path + ".tmp", card_path)
     return card
+
+
+def init_from_model(name: str, model: DrawConfig, given: Mapping[str, Any]) -> DrawConfig:
+    """The model config of ``--init_from=name``: the released model's, with ``model``'s compute dtype.
+
+    ``model`` is the config the flags built (its image shape is the data set's);
+    ``given`` the settings typed, which must agree with the released model.
+
+    Raises:
+      PretrainedError: unknown name or unreadable card. ConfigError: a model
+        setting given differs from the released model's, or the image shape does.
+    """
+    released = load_card(name).config.model
+    clashes = [
+        f"--{k}={given[k]!r} (it has {getattr(released, k)!r})"
+        for k in sorted(given)
+        if hasattr(released, k) and k not in _NOT_PARAMETERS and given[k] != getattr(released, k)
+    ]
+    if clashes:
+        raise ConfigError(f"--init_from={name} is a different model: {', '.join(clashes)}")
+    if released.image_shape != model.image_shape:
+        raise ConfigError(
+            f"--init_from={name} is a model of {released.image_shape} images; the data set has {model.image_shape}"
+        )
+    return dataclasses.replace(released, compute_dtype=model.compute_dtype)
+
+
+# Model settings that do not shape the parameters (an --init_from model takes any).
+_NOT_PARAMETERS = ("height", "width", "channels", "compute_dtype")

@@ -1,5 +1,6 @@
 """A run's folder: its config.json, the check that a restart continues the same run,
-its results.json, and loading the trained model back.
+its results.json, and loading the trained model back (``settings.resumed_config``
+gives the config a resumed run continues with).
 
 Layout of ``<workdir>``: ``config.json`` (the resolved ``TrainConfig``),
 ``checkpoints/`` (orbax, see ``checkpoint``), ``tb/`` (TensorBoard events,
@@ -11,14 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
 
 import jax
 from flax import nnx
 
 from draw_jax import train_step
 from draw_jax.checkpoint import Checkpointer
-from draw_jax.config import ConfigError, TrainConfig, chosen_settings, settings
+from draw_jax.config import ConfigError, TrainConfig
 from draw_jax.model import DRAW
 
 __all__ = [
@@ -29,7 +29,6 @@ __all__ = [
     "load_config",
     "load_trained",
     "previous_config",
-    "resumed_config",
     "save_config",
 ]
 
@@ -98,59 +97,6 @@ def check_same_run(config: TrainConfig, previous: TrainConfig | None, workdir: s
     raise ConfigError(
         f"--workdir={workdir} holds a different run ({'; '.join(diffs)}). Use a new --workdir, "
         "or the same flags to resume it; nothing there was changed."
-    )
-
-
-# Settings a resumed run may change: how long it runs, how often it logs, saves
-# and evaluates, and where its (same) images are read from. Every other setting
-# is the run's own and comes from its config.json.
-RESUMABLE = frozenset(
-    {"num_steps", "num_epochs", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
-    | {"eval_examples", "steps_per_call", "data_dir", "tfds_data_dir", "device_data"}
-)
-
-
-def resumed_config(
-    previous: TrainConfig, workdir: str, preset: str | None = None, **given: Any
-) -> TrainConfig:
-    """The config that resumes the run in ``workdir``: its own ``config.json``, with the settings typed.
-
-    Only the settings given (by flag name, with ``preset`` standing for all of
-    its own) are compared with the run's: the defaults of this version of
-    draw_jax never are, so a run made under older defaults resumes with the
-    command that started it. ``RESUMABLE`` settings (run length, intervals,
-    where the data is read from) take the value given; raising ``--num_steps``
-    extends the run.
-
-    Raises:
-      ConfigError: a setting given contradicts the run's model, optimiser, data
-        or seed (each such flag named), or is unknown.
-    """
-    typed = chosen_settings(preset, **given)
-    parts = {s.name: s.part for s in settings()}
-    changes: dict[str, dict[str, Any]] = {"run": {}, "data": {}}
-    clashes = []
-    for name, value in typed.items():
-        part = getattr(previous, parts[name])
-        if name in RESUMABLE:
-            changes[parts[name]][name] = value
-            continue
-        # Compared as the config would hold it (--eval_split=validation is valid).
-        wanted = getattr(dataclasses.replace(part, **{name: value}), name)
-        if wanted != getattr(part, name):
-            clashes.append(f"--{name}={value!r} (the run has {getattr(part, name)!r})")
-    if clashes:
-        raise ConfigError(
-            f"--workdir={workdir} holds a run with other settings: {'; '.join(clashes)}. A resumed run "
-            "takes its settings from its config.json: leave these flags out to resume it, or use a new "
-            "--workdir; nothing there was changed."
-        )
-    if "num_steps" in changes["run"] and "num_epochs" not in changes["run"]:
-        changes["run"]["num_epochs"] = None
-    return dataclasses.replace(
-        previous,
-        run=dataclasses.replace(previous.run, **changes["run"]),
-        data=dataclasses.replace(previous.data, **changes["data"]),
     )
 
 

@@ -39,8 +39,9 @@ import numpy as np
 from absl import app, flags
 
 from draw_jax import feeding, train_step
-from draw_jax.config import DrawConfig, OptimConfig, build_config
+from draw_jax.config import DrawConfig, OptimConfig
 from draw_jax.presets import PRESETS
+from draw_jax.settings import build_config
 from experiments import cli, profiling
 from experiments.profiling import (
     MatmulReference,

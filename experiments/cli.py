@@ -14,8 +14,9 @@ from typing import Any
 from absl import flags, logging
 
 from draw_jax import presets
-from draw_jax.config import SHORTHANDS, ConfigError, TrainConfig, build_config, settings
+from draw_jax.config import ConfigError, TrainConfig
 from draw_jax.data import DataError
+from draw_jax.settings import SHORTHANDS, build_config, settings
 
 __all__ = [
     "USER_ERRORS",
@@ -41,7 +42,7 @@ _DEFINE = {
 
 
 def define_config_flags(only: Iterable[str] | None = None, *, defaults_from: str = "config") -> list[str]:
-    """Defines one absl flag per setting of ``draw_jax.config`` (name, type, default, help).
+    """Defines one absl flag per setting (``draw_jax.settings.settings()``: name, type, default, help).
 
     Args:
       only: the settings to define (default: all, plus ``--preset`` and the

@@ -5,7 +5,7 @@ Flags (one per setting of ``draw_jax.config``, made from its declarations) ->
 the paper's MNIST setup (binarized MNIST, T=64, 256/256 LSTMs, z 100, read 2x2,
 write 5x5, batch 100); ``--preset`` picks another named configuration. Re-running
 the same command in the same --workdir resumes it, with the settings of the
-run's own config.json (``workdir.resumed_config``); Ctrl-C or SIGTERM
+run's own config.json (``settings.resumed_config``); Ctrl-C or SIGTERM
 (``timeout``, ``kill``, a scheduler) keeps the last completed checkpoint for that.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 from absl import app, flags, logging
 
+from draw_jax import settings as settings_lib
 from draw_jax import workdir as workdir_lib
 from draw_jax.train_loop import TrainingDiverged, TrainingInterrupted, train_and_evaluate
 from experiments import cli
@@ -39,7 +40,7 @@ def main(argv: list[str]) -> None:
         config = cli.config_from_flags(SETTINGS)
     else:
         preset, given = cli.typed_settings(SETTINGS)
-        config = workdir_lib.resumed_config(previous, FLAGS.workdir, preset, **given)
+        config = settings_lib.resumed_config(previous, FLAGS.workdir, preset, **given)
         logging.info("resuming the run in %s with its config.json", FLAGS.workdir)
     if FLAGS.distributed:
         jax.distributed.initialize()

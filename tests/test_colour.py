@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from draw_jax import data, losses
-from draw_jax.config import build_config
+from draw_jax.settings import build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEVELS = jnp.arange(256, dtype=jnp.float32) / 255.0  # every 8-bit value, as the model sees it

@@ -10,8 +10,10 @@ import sys
 import pytest
 
 from draw_jax import config as config_lib
-from draw_jax.config import ConfigError, TrainConfig, build_config
+from draw_jax import settings as settings_lib
+from draw_jax.config import ConfigError, TrainConfig
 from draw_jax.presets import PRESETS
+from draw_jax.settings import build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +36,7 @@ def test_every_setting_is_a_train_flag_with_its_declared_default_and_help():
         for f in dataclasses.fields(part)
         if f.metadata["flag"]
     }
-    assert len(fields) == len(config_lib.settings()) > 30
+    assert len(fields) == len(settings_lib.settings()) > 30
     for name, field in fields.items():
         assert flags.FLAGS[name].default == field.default, name
         assert flags.FLAGS[name].help.endswith(field.metadata["help"]), name  # enums prefix their choices
@@ -50,7 +52,7 @@ def test_train_help_lists_every_flag_with_default():
         text=True,
         timeout=120,
     ).stdout
-    for s in config_lib.settings():
+    for s in settings_lib.settings():
         assert f"--{s.name}" in out or f"--[no]{s.name}" in out, s.name
     assert "(default: '64')" in out and "--preset" in out and "--[no]attention" in out
 

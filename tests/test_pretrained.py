@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from draw_jax import data, pretrained, train_step
-from draw_jax.config import ConfigError, build_config
+from draw_jax.config import ConfigError
 from draw_jax.evaluation import SplitEvaluator
+from draw_jax.settings import build_config
 from draw_jax.train_loop import train_and_evaluate
 from draw_jax.workdir import Trained, load_trained
 from tests.test_train import run_cli, small_data, tiny_config  # noqa: F401  (fixture)

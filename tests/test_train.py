@@ -18,7 +18,8 @@ import pytest
 
 from draw_jax import train_step
 from draw_jax.checkpoint import Checkpointer
-from draw_jax.config import ConfigError, OptimConfig, TrainConfig, build_config
+from draw_jax.config import ConfigError, OptimConfig, TrainConfig
+from draw_jax.settings import build_config
 from draw_jax.train_loop import TrainingDiverged, train_and_evaluate
 from draw_jax.workdir import load_trained
 

@@ -70,8 +70,11 @@ def build(package: str, preset: str, compute_dtype: str, batch_size: int, steps_
     """(compiled multi-step call, fresh-state factory, its arguments, first call's metrics)."""
     ts = importlib.import_module(f"{package}.train_step")
     feeding = importlib.import_module(f"{package}.feeding")
-    config = importlib.import_module(f"{package}.config")
-    cfg = config.build_config(preset, compute_dtype=compute_dtype, batch_size=batch_size).resolve(50_000)
+    try:  # build_config moved from config to settings; a base revision may have either
+        settings = importlib.import_module(f"{package}.settings")
+    except ModuleNotFoundError:
+        settings = importlib.import_module(f"{package}.config")
+    cfg = settings.build_config(preset, compute_dtype=compute_dtype, batch_size=batch_size).resolve(50_000)
     m = 10 * batch_size
     rng = np.random.default_rng(0)
     images = jnp.asarray((rng.random((m, *cfg.model.image_shape)) > 0.7).astype(np.uint8))
