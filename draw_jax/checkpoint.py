@@ -1,22 +1,114 @@
-"""A small wrapper over orbax's CheckpointManager for ``TrainState``.
+"""A small wrapper over orbax's CheckpointManager for ``TrainState``, with verified restores.
 
 Orbax writes each checkpoint into a temporary folder and renames it when the
 write is complete, so an interrupted save never leaves a folder that looks
 like a valid checkpoint; ``latest_step`` only sees finished ones.
+
+Orbax and TensorStore keep no checksum of the bytes they write (a flipped
+byte restores silently as another number), so each save ends with a record,
+``<step>/checksums.json``: the SHA-256 and size of every file of the
+checkpoint, written once orbax has finalised it. ``restore`` verifies every
+byte against it first; a mismatch, a truncated, missing or unreadable file,
+or any error of orbax's restore is one ``CheckpointError`` naming the
+checkpoint and the file. A checkpoint from before the record existed restores
+with a warning that it cannot be verified.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 from draw_jax import interrupts
 
-__all__ = ["Checkpointer"]
+__all__ = ["CHECKSUMS_FILE", "CheckpointError", "Checkpointer", "verify"]
+
+CHECKSUMS_FILE = "checksums.json"
+# Where a run moves a checkpoint that failed to restore (never deleted), beside checkpoints/.
+SET_ASIDE_DIR = "unreadable_checkpoints"
+
+
+class _MissingFields(ValueError):
+    """The checkpoint lacks a field the state needs (another kind of run, or an older one)."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that fails verification or cannot be restored; the message names it and the file."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(directory: str) -> list[str]:
+    """Every file under ``directory`` (relative paths, sorted), the record itself excluded."""
+    out = []
+    for root, _, names in os.walk(directory):
+        for name in names:
+            rel = os.path.relpath(os.path.join(root, name), directory)
+            if rel != CHECKSUMS_FILE:
+                out.append(rel)
+    return sorted(out)
+
+
+def write_checksums(directory: str) -> None:
+    """Writes ``<directory>/checksums.json``: SHA-256 and size of each file of a finished checkpoint."""
+    record = {rel: {"sha256": _sha256(os.path.join(directory, rel)),
+                    "bytes": os.path.getsize(os.path.join(directory, rel))} for rel in _files(directory)}  # fmt: skip
+    tmp = os.path.join(directory, CHECKSUMS_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump({"files": record}, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(directory, CHECKSUMS_FILE))
+
+
+def verify(directory: str) -> bool:
+    """Checks every file of the checkpoint in ``directory`` against its record.
+
+    Returns:
+      True if verified; False if the checkpoint has no record (written before
+      records existed: it cannot be verified).
+
+    Raises:
+      CheckpointError: a file is missing, of another size, or has other bytes
+        (naming it), or the record is unreadable.
+    """
+    path = os.path.join(directory, CHECKSUMS_FILE)
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            record = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is unreadable ({e}); the checkpoint cannot be verified") from e
+    for rel, want in sorted(record.items()):
+        file = os.path.join(directory, rel)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"checkpoint {directory} is incomplete: {file} is missing")
+        size = os.path.getsize(file)
+        if size != want["bytes"]:
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged: {file} has {size} bytes, {want['bytes']} were written "
+                "(truncated?)"
+            )
+        if _sha256(file) != want["sha256"]:
+            raise CheckpointError(
+                f"checkpoint {directory} is damaged: the bytes of {file} differ from those written "
+                "(SHA-256 mismatch)"
+            )
+    return True
 
 
 class Checkpointer:
@@ -52,6 +144,21 @@ class Checkpointer:
         with interrupts.deferred():
             self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
             self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                write_checksums(self.step_directory(step))
+
+    def step_directory(self, step: int) -> str:
+        """The folder of checkpoint ``step``."""
+        return os.path.join(self.directory, str(step))
+
+    def set_aside(self, step: int) -> str:
+        """Moves checkpoint ``step`` out of the run (beside ``checkpoints/``, never deleted); returns where."""
+        folder = os.path.join(os.path.dirname(self.directory), SET_ASIDE_DIR)
+        os.makedirs(folder, exist_ok=True)
+        target = os.path.join(folder, f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(self.step_directory(step), target)
+        self._manager.reload()
+        return target
 
     def restore(self, like: Any, step: int | None = None) -> Any:
         """Restores checkpoint ``step`` (default: the latest) into the structure of ``like``.
@@ -61,9 +168,14 @@ class Checkpointer:
         the checkpoint stays None (a run from before ``TrainState.ema`` existed
         restores as a run without a parameter average).
 
+        Every byte is verified against the checkpoint's record first (see the
+        module docstring).
+
         Raises:
           FileNotFoundError: no checkpoint, or no checkpoint ``step``, naming what exists.
           ValueError: the checkpoint lacks a field that ``like`` needs, naming both.
+          CheckpointError: the checkpoint fails verification or cannot be
+            restored, naming it and the file at fault.
         """
         steps = self.all_steps()
         if step is None:
@@ -72,13 +184,27 @@ class Checkpointer:
             have = ", ".join(map(str, steps)) or "none"
             want = "any" if step is None else f"step {step}"
             raise FileNotFoundError(f"no checkpoint for {want} in {self.directory} (saved steps: {have})")
+        directory = self.step_directory(step)
+        if not verify(directory):
+            logging.warning(
+                "checkpoint %s has no %s (written by an older draw_jax): its bytes cannot be verified",
+                directory, CHECKSUMS_FILE,
+            )  # fmt: skip
+        try:
+            return self._restore(like, step)
+        except (_MissingFields, CheckpointError):
+            raise
+        except Exception as e:  # orbax and TensorStore raise many kinds; one message names the checkpoint
+            raise CheckpointError(f"checkpoint {directory} cannot be restored: {_first_line(e)}") from e
+
+    def _restore(self, like: Any, step: int) -> Any:
         absent = self._absent_fields(like, step)
         if not absent:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
             return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
         needed = [name for name in absent if getattr(like, name) is not None]
         if needed:
-            raise ValueError(
+            raise _MissingFields(
                 f"checkpoint {step} in {self.directory} has no {', '.join(needed)} (written by an "
                 "older version or another kind of run); restore it with settings that do not need them"
             )
@@ -106,3 +232,8 @@ class Checkpointer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"

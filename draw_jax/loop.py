@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from draw_jax import feeding, interrupts
-from draw_jax.checkpoint import Checkpointer
+from draw_jax.checkpoint import Checkpointer, CheckpointError
 from draw_jax.metrics import MetricAccumulator, MetricWriter, Progress, TrainingDiverged, write_json
 from draw_jax.train_step import TrainState
 from draw_jax.workdir import RESULTS_FILE
@@ -101,6 +101,31 @@ def _is_interrupt(e: BaseException) -> bool:
     return isinstance(e, KeyboardInterrupt) or isinstance(e.__cause__ or e.__context__, KeyboardInterrupt)
 
 
+def _restore_newest_readable(checkpoints: Checkpointer, like: TrainState) -> TrainState | None:
+    """The newest checkpoint that verifies and restores, or None if the run has none.
+
+    A checkpoint that fails is moved aside (``Checkpointer.set_aside``: kept,
+    never deleted) with a warning, and the one before it is tried.
+
+    Raises:
+      CheckpointError: the run had checkpoints and none of them restores.
+    """
+    failed = []
+    while (step := checkpoints.latest_step()) is not None:
+        try:
+            return checkpoints.restore(like)
+        except CheckpointError as e:
+            where = checkpoints.set_aside(step)
+            failed.append(f"{step} (moved to {where})")
+            logging.warning("%s. Moved it to %s for inspection; trying the checkpoint before it.", e, where)
+    if failed:
+        raise CheckpointError(
+            f"no checkpoint of the run in {checkpoints.directory} restores: {', '.join(failed)}. The same "
+            "command now starts the run over from step 0."
+        )
+    return None
+
+
 def _previous_results(path: str) -> dict[str, Any]:
     """What an earlier process wrote to results.json (figures such as a test error are kept)."""
     if not os.path.isfile(path):
@@ -130,8 +155,9 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         stack.enter_context(interrupts.sigterm_as_interrupt())  # SIGTERM ends the run as Ctrl-C does
         checkpoints = stack.enter_context(Checkpointer(workdir, keep=sched.keep_checkpoints))
-        if checkpoints.latest_step() is not None:
-            state = checkpoints.restore(state)
+        restored = _restore_newest_readable(checkpoints, state)
+        if restored is not None:
+            state = restored
             logging.info("resumed from %s at step %d", checkpoints.directory, int(state.step))
         else:
             state = task.first_state(state)

@@ -14,6 +14,7 @@ from typing import Any
 from absl import flags, logging
 
 from draw_jax import presets
+from draw_jax.checkpoint import CheckpointError
 from draw_jax.config import ConfigError, TrainConfig
 from draw_jax.data import DataError
 from draw_jax.settings import SHORTHANDS, build_config, settings
@@ -30,8 +31,8 @@ __all__ = [
     "user_errors_as_messages",
 ]
 
-# Errors a user can fix from the command line: bad flags, files or workdirs.
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError)
+# Errors a user can fix from the command line: bad flags, files, workdirs or checkpoints.
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, CheckpointError)
 
 _DEFINE = {
     bool: flags.DEFINE_bool,
