@@ -64,6 +64,7 @@ class ClassifierRunConfig:
     log_every: int = 100
     eval_every: int = 1_000
     checkpoint_every: int = 500
+    checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2
     eval_examples: int = 0
 
@@ -79,7 +80,7 @@ class ClassifierRunConfig:
         for name in ("batch_size", "num_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("log_every", "eval_every", "checkpoint_every", "eval_examples"):
+        for name in ("log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "eval_examples"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.data_dir is not None and not os.path.isdir(self.data_dir):
@@ -100,7 +101,7 @@ class ClassifierRunConfig:
     def identity(self) -> dict[str, Any]:
         """What a resumed run must share with the one it continues (not length, intervals, paths)."""
         d = self.to_dict()
-        for k in ("num_steps", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "eval_examples",
+        for k in ("num_steps", "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_examples",
                   "data_dir", "tfds_data_dir"):  # fmt: skip
             d.pop(k)
         return d
@@ -200,6 +201,7 @@ class _ClassifierTask:
             checkpoint_every=config.checkpoint_every,
             eval_every=config.eval_every,
             keep_checkpoints=config.keep_checkpoints,
+            checkpoint_minutes=config.checkpoint_minutes,
         )
         self.replicated = parallel.replicated
         self.graphdef, self._state, optimizer = _init(config)

@@ -257,6 +257,11 @@ class RunConfig:
     log_every: int = setting(100, "Steps between console lines and train summaries (0 = at the end only).")
     eval_every: int = setting(5_000, "Steps between held-out evaluations (0 = at the end only).")
     checkpoint_every: int = setting(1_000, "Steps between checkpoints (0 = at the end only).")
+    checkpoint_minutes: float = setting(
+        10.0,
+        "Also checkpoint after this many minutes of training since the last checkpoint, whatever the "
+        "step (0 = by steps only), so an interrupted run loses minutes at most.",
+    )
     keep_checkpoints: int = setting(3, "Checkpoints kept.")
     init_from: str | None = setting(
         None,
@@ -274,7 +279,9 @@ class RunConfig:
         _positive_int("num_steps", self.num_steps)
         if self.num_epochs is not None:
             _positive_int("num_epochs", self.num_epochs)
-        _non_negative(self, "log_every", "eval_every", "checkpoint_every", "eval_examples")
+        _non_negative(
+            self, "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes", "eval_examples"
+        )
         _positive_int("keep_checkpoints", self.keep_checkpoints)
         _positive_int("steps_per_call", self.steps_per_call)
 

@@ -57,6 +57,7 @@ class Schedule:
     checkpoint_every: int
     eval_every: int
     keep_checkpoints: int
+    checkpoint_minutes: float = 0.0  # also save once this much training time has passed (0 = off)
 
 
 class Task(Protocol):
@@ -188,6 +189,7 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
 
         acc, progress = MetricAccumulator(), Progress(start, sched.num_steps, sched.batch_size)
         t_start, compiled = time.time(), False
+        t_saved = t_start  # the clock of --checkpoint_minutes: since the last save (or the start)
         try:
             while step < sched.num_steps:
                 t0 = time.time()
@@ -212,9 +214,11 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
                         step, sched.num_steps, task.summary(last_train), progress.images_per_s,
                         progress.eta(step),
                     )  # fmt: skip
-                if _crossed(prev, step, sched.checkpoint_every) or last:
+                due = sched.checkpoint_minutes > 0 and time.time() - t_saved >= 60 * sched.checkpoint_minutes
+                if _crossed(prev, step, sched.checkpoint_every) or last or due:
                     acc.drain(step, divergence_hint())  # never save parameters a NaN has touched
                     checkpoints.save(step, state)
+                    t_saved = time.time()
                 if _crossed(prev, step, sched.eval_every) or last:
                     evaluate(step)
                     progress.restart(step)  # evaluation time is not training time

@@ -132,7 +132,8 @@ def build_config(preset: str | None = None, **values: Any) -> TrainConfig:
 # and evaluates, and where its (same) images are read from. Every other setting
 # is the run's own and comes from its config.json.
 RESUMABLE = frozenset(
-    {"num_steps", "num_epochs", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"}
+    {"num_steps", "num_epochs", "log_every", "eval_every", "checkpoint_every", "checkpoint_minutes"}
+    | {"keep_checkpoints"}
     | {"eval_examples", "steps_per_call", "data_dir", "tfds_data_dir", "device_data"}
 )
 

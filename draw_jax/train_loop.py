@@ -72,6 +72,7 @@ class _DrawTask:
             checkpoint_every=run.checkpoint_every,
             eval_every=run.eval_every,
             keep_checkpoints=run.keep_checkpoints,
+            checkpoint_minutes=run.checkpoint_minutes,
         )
         self.eval_split = cfg.data.eval_split
         self.replicated = parallel.replicated

@@ -59,6 +59,8 @@ flags.DEFINE_integer("seed", _RUN.seed, "Seeds parameters and data order.")
 flags.DEFINE_integer("log_every", _RUN.log_every, "Steps between console lines and train summaries.")
 flags.DEFINE_integer("eval_every", _RUN.eval_every, "Steps between valid evaluations (0 = at the end).")
 flags.DEFINE_integer("checkpoint_every", _RUN.checkpoint_every, "Steps between checkpoints (0 = at the end).")
+flags.DEFINE_float("checkpoint_minutes", _RUN.checkpoint_minutes,
+                   "Also checkpoint after this many minutes since the last one (0 = by steps only).")  # fmt: skip
 flags.DEFINE_integer("keep_checkpoints", _RUN.keep_checkpoints, "Checkpoints kept.")
 flags.DEFINE_integer("eval_examples", _RUN.eval_examples, "Valid images per evaluation (0 = all 10,000).")
 flags.DEFINE_bool("test", False, "After training, also measure the test error (MNIST test images).")
@@ -74,7 +76,7 @@ def config_from_flags() -> ClassifierRunConfig:
     optim = OptimConfig(learning_rate=FLAGS.learning_rate, adam_b1=FLAGS.adam_b1, clip_norm=FLAGS.clip_norm,
                         lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps)  # fmt: skip
     names = ("variant", "data_seed", "data_dir", "tfds_data_dir", "batch_size", "num_steps", "seed", "log_every",
-             "eval_every", "checkpoint_every", "keep_checkpoints", "eval_examples")  # fmt: skip
+             "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_examples")  # fmt: skip
     return ClassifierRunConfig(model=model, optim=optim, **{n: getattr(FLAGS, n) for n in names})
 
 

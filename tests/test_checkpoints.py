@@ -122,3 +122,18 @@ def test_a_run_whose_every_checkpoint_is_damaged_stops_and_keeps_them_all(small_
         train_and_evaluate(cfg, workdir)
     assert "4 (moved to" in str(err.value) and "8 (moved to" in str(err.value)
     assert len(glob.glob(os.path.join(workdir, checkpoint.SET_ASIDE_DIR, "*"))) == 2
+
+
+def saved_steps(workdir: str) -> list[int]:
+    return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*")))
+
+
+def test_checkpoints_by_time_as_well_as_by_steps(small_data, tmp_path):  # noqa: F811
+    # Steps alone (every 0 = at the end): one checkpoint. With a clock that is
+    # always due (a millisecond), one after every call of the 2 steps between log lines.
+    common = dict(num_steps=6, log_every=2, checkpoint_every=0, keep_checkpoints=10, eval_every=0)
+    by_steps, by_time = str(tmp_path / "steps"), str(tmp_path / "time")
+    train_and_evaluate(tiny_config(small_data, checkpoint_minutes=0.0, **common), by_steps)
+    train_and_evaluate(tiny_config(small_data, checkpoint_minutes=1e-5, **common), by_time)
+    assert saved_steps(by_steps) == [6]
+    assert saved_steps(by_time) == [2, 4, 6]
