@@ -194,7 +194,9 @@ class DataConfig:
 
     dataset: str = setting(
         "binarized_mnist",
-        "binarized_mnist (the paper's benchmark: the fixed binarisation) or mnist (grey levels).",
+        "binarized_mnist (the paper's benchmark: the fixed binarisation), mnist (grey levels), "
+        "mnist_two_digits (two digits on 60x60, the paper's sec. 4.3), cifar10 or svhn_cropped "
+        "(32x32 colour).",
         choices=tuple(data_lib.DATASETS),
     )
     data_dir: str | None = setting(

@@ -64,7 +64,8 @@ SHORTHANDS = {
     "attention": (
         ("read_attention", "write_attention"),
         "Selective attention for read and write (the paper's two variants); "
-        "--read_attention / --write_attention override it for one of them.",
+        "--read_attention / --write_attention override it for one of them. "
+        "Default: as they are (both true: the paper's attention model).",
     ),
 }
 

@@ -17,7 +17,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from PIL import Image, ImageDraw
 
 from draw_jax import cluttered, pictures
@@ -140,4 +140,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

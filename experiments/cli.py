@@ -11,7 +11,7 @@ import textwrap
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 from draw_jax import presets
 from draw_jax.checkpoint import CheckpointError
@@ -28,6 +28,7 @@ __all__ = [
     "define_config_flags",
     "fail",
     "typed_settings",
+    "run",
     "user_errors_as_messages",
 ]
 
@@ -115,6 +116,20 @@ class _QuietLibraries(logging_std.Filter):
     def filter(self, record: logging_std.LogRecord) -> bool:
         noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets"))
         return record.levelno >= logging_std.WARNING or not noisy
+
+
+_HELP = ("--help", "--helpshort", "--helpfull", "--helpxml", "-?")
+
+
+def run(main: Callable[[list[str]], None]) -> None:
+    """``absl.app.run(main)``, with ``-h`` as ``--help`` and help exiting 0 (absl exits 1)."""
+    argv = ["--help" if a == "-h" else a for a in sys.argv]
+    try:
+        app.run(main, argv=argv)
+    except SystemExit as e:
+        if e.code == 1 and any(a in _HELP for a in argv[1:]):
+            raise SystemExit(0) from None
+        raise
 
 
 def user_errors_as_messages(main: Callable[[list[str]], None]) -> Callable[[list[str]], None]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from absl import app, flags
+from absl import flags
 
 from draw_jax.evaluation import SplitEvaluator
 from draw_jax.losses import bits_per_dim
@@ -85,4 +85,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,7 +19,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from draw_jax import data as data_lib
 from draw_jax import pictures, train_step
@@ -122,4 +122,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,7 +12,7 @@ run's own config.json (``settings.resumed_config``); Ctrl-C or SIGTERM
 from __future__ import annotations
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 
 from draw_jax import settings as settings_lib
 from draw_jax import workdir as workdir_lib
@@ -58,4 +58,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -190,3 +190,16 @@ def test_every_preset_compiles_and_takes_a_finite_step(name):
     images = np.random.default_rng(0).integers(0, 256, (2, *cfg.model.image_shape), dtype=np.uint8)
     state, metrics = step(state, images, jax.random.key(0))
     assert int(state.step) == 1 and np.isfinite(float(metrics["bound"])) and float(metrics["bound"]) > 0
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "sample", "benchmark", "classify_cluttered"])
+def test_help_exits_zero_with_h_as_well(command):
+    for asked in (["-h"], ["--help"]) if command == "train" else (["-h"],):
+        proc = subprocess.run([sys.executable, "-m", f"experiments.{command}", *asked], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 0, (asked, proc.stderr[-2000:])
+        assert "--workdir" in proc.stdout or "--configs" in proc.stdout  # the flags are listed
+    # A flag that does not exist is still an error.
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{command}", "--no_such_flag"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode != 0 and "no_such_flag" in proc.stderr
