@@ -13,10 +13,16 @@ has centre ``a`` for ``a = 0 .. w-1``, so the image centre is ``(w - 1) / 2``.
 The paper writes its formulas 1-indexed; ``window_from_params`` converts them
 so that the normalised centre ``g~ = 0`` lands exactly on the image centre.
 
-A ``Window`` carries its glimpse size ``n``: ``read`` takes the grid size from
-the window, and ``write`` refuses a patch of another size, so a window can
-never be used with a grid it was not made for. Image sizes are keyword-only
-everywhere (``height=``, ``width=``), so they cannot be swapped.
+A ``Window`` carries its glimpse size ``n`` and the image size it was made
+for: ``read`` takes the grid size from the window, ``write`` refuses a patch
+of another size, and ``read``, ``write`` and ``filterbank`` refuse an image of
+another height or width, so a window can never be used with a grid or an
+image it was not made for. Image sizes are keyword-only everywhere
+(``height=``, ``width=``), so they cannot be swapped.
+
+NaN window parameters give NaN windows, and a NaN glimpse or canvas: under
+``jit`` nothing can stop there, so NaN propagates to the loss (the training
+loop stops at the first non-finite metric, naming it).
 
 Example:
   >>> import jax.numpy as jnp
@@ -53,13 +59,16 @@ __all__ = [
 WINDOW_FIELDS = ("gx", "gy", "sigma2", "delta", "gamma")
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=list(WINDOW_FIELDS), meta_fields=["n"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=list(WINDOW_FIELDS), meta_fields=["n", "height", "width"]
+)
 @dataclasses.dataclass(frozen=True, eq=False)
 class Window:
     """An attention window, one per example, for an n x n grid of filters.
 
-    A pytree: the five arrays are its leaves, ``n`` is static metadata (so
-    windows stack over steps under ``lax.scan``, and ``jit`` specialises on n).
+    A pytree: the five arrays are its leaves; ``n`` and the image size are
+    static metadata (so windows stack over steps under ``lax.scan``, and
+    ``jit`` specialises on them).
 
     Attributes:
       gx: [b] horizontal centre of the grid, 0-indexed pixels.
@@ -68,6 +77,9 @@ class Window:
       delta: [b] stride between neighbouring filters, pixels.
       gamma: [b] scalar intensity (multiplies a read, divides a write).
       n: the glimpse size this window was made for (an n x n grid).
+      height, width: the image size it was made for (``window_from_params``
+        records it; ``read``, ``write`` and ``filterbank`` refuse another). None
+        for a window made by hand for any size.
     """
 
     gx: jax.Array
@@ -76,6 +88,8 @@ class Window:
     delta: jax.Array
     gamma: jax.Array
     n: int
+    height: int | None = None
+    width: int | None = None
 
 
 def window_from_params(params: jax.Array, *, n: int, height: int, width: int) -> Window:
@@ -84,8 +98,8 @@ def window_from_params(params: jax.Array, *, n: int, height: int, width: int) ->
     Args:
       params: [b, 5] holding (g~x, g~y, log sigma^2, log delta~, log gamma).
       n: glimpse size; the grid is n x n. Stored in the window.
-      height: image height h (the paper's B).
-      width: image width w (the paper's A).
+      height: image height h (the paper's B). Stored in the window.
+      width: image width w (the paper's A). Stored in the window.
 
     Returns:
       A ``Window`` of [b] arrays in 0-indexed pixel coordinates:
@@ -112,7 +126,10 @@ def window_from_params(params: jax.Array, *, n: int, height: int, width: int) ->
     gx = (width + 1) / 2 * (gx_ + 1) - 1
     gy = (height + 1) / 2 * (gy_ + 1) - 1
     delta = (max(height, width) - 1) / max(n - 1, 1) * jnp.exp(log_delta_)
-    return Window(gx=gx, gy=gy, sigma2=jnp.exp(log_sigma2), delta=delta, gamma=jnp.exp(log_gamma), n=n)
+    return Window(
+        gx=gx, gy=gy, sigma2=jnp.exp(log_sigma2), delta=delta, gamma=jnp.exp(log_gamma),
+        n=n, height=height, width=width,
+    )  # fmt: skip
 
 
 def _check_size(name: str, value: int) -> None:
@@ -120,11 +137,21 @@ def _check_size(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _check_window(window: Window, batch: int | None = None) -> None:
-    """Every field [b] with one b (matching ``batch`` if given), and n a positive int."""
+def _check_window(
+    window: Window, batch: int | None = None, *, height: int | None = None, width: int | None = None
+) -> None:
+    """Every field [b] with one b (matching ``batch`` if given), n a positive int, and the
+    image size (if given) the one the window was made for (if it records one)."""
     if not isinstance(window, Window):
         raise TypeError(f"expected an attention.Window, got {type(window).__name__}")
     _check_size("Window.n", window.n)
+    made_for = (window.height, window.width)
+    if height is not None and made_for != (None, None) and made_for != (height, width):
+        raise ValueError(
+            f"the window was made for {window.height}x{window.width} images (height x width), "
+            f"it is used on {height}x{width}; make it with window_from_params(..., height={height}, "
+            f"width={width})"
+        )
     for name in WINDOW_FIELDS:
         shape = jnp.shape(getattr(window, name))
         if len(shape) != 1:
@@ -179,11 +206,12 @@ def filterbank(window: Window, *, height: int, width: int) -> tuple[jax.Array, j
       (fx, fy): fx is [b, n, w], fy is [b, n, h], in the window's dtype.
 
     Raises:
-      ValueError: a window field is not [b], or the fields disagree on b.
+      ValueError: a window field is not [b], the fields disagree on b, or the
+        window was made for another image size.
     """
-    _check_window(window)
     _check_size("height", height)
     _check_size("width", width)
+    _check_window(window, height=height, width=width)
     gx = _as_float(jnp.asarray(window.gx))
     gy = _as_float(jnp.asarray(window.gy))
     return _filters_1d(gx, window, width), _filters_1d(gy, window, height)
@@ -214,12 +242,12 @@ def read(images: jax.Array, window: Window) -> jax.Array:
 
     Raises:
       ValueError: images are not rank 3 or 4, a window field is not [b], or
-        the window's batch differs from the images'.
+        the window's batch or image size differs from the images'.
     """
     _check_images(images, "images")
-    _check_window(window, images.shape[0])
-    images = _as_float(images)
     height, width = images.shape[1], images.shape[2]
+    _check_window(window, images.shape[0], height=height, width=width)
+    images = _as_float(images)
     fx, fy = filterbank(window, height=height, width=width)
     fx, fy = fx.astype(images.dtype), fy.astype(images.dtype)
     gamma = window.gamma.astype(images.dtype)
@@ -247,9 +275,9 @@ def read_channels_first(images: jax.Array, window: Window) -> jax.Array:
     """
     if images.ndim != 4:
         raise ValueError(f"images must be [batch, channels, height, width], got shape {images.shape}")
-    _check_window(window, images.shape[0])
-    images = _as_float(images)
     height, width = images.shape[2], images.shape[3]
+    _check_window(window, images.shape[0], height=height, width=width)
+    images = _as_float(images)
     fx, fy = filterbank(window, height=height, width=width)
     fx, fy = fx.astype(images.dtype), fy.astype(images.dtype)
     tmp = jnp.einsum("bchw,bmw->bchm", images, fx)
@@ -274,10 +302,12 @@ def write(patches: jax.Array, window: Window, *, height: int, width: int) -> jax
 
     Raises:
       ValueError: patches are not [b, n, n(, c)] for the window's n and batch,
-        or a window field is not [b].
+        a window field is not [b], or the window was made for another canvas size.
     """
     _check_images(patches, "patches")
-    _check_window(window, patches.shape[0])
+    _check_size("height", height)
+    _check_size("width", width)
+    _check_window(window, patches.shape[0], height=height, width=width)
     n = window.n
     if patches.shape[1:3] != (n, n):
         raise ValueError(

@@ -420,3 +420,30 @@ def test_every_window_field_is_rank_checked(field):
         _attention.read(jnp.ones((2, 10, 10)), short)
     with pytest.raises(ValueError, match="batch of 2, the images have 3"):
         _attention.read(jnp.ones((3, 10, 10)), win)
+
+
+def test_a_window_records_its_image_size_and_refuses_another():
+    win = _attention.window_from_params(jnp.zeros((2, 5)), n=3, height=28, width=24)
+    assert (win.height, win.width) == (28, 24)
+    assert _attention.read(jnp.ones((2, 28, 24)), win).shape == (2, 3, 3)
+    for call in (
+        lambda: _attention.read(jnp.ones((2, 32, 32)), win),
+        lambda: _attention.read(jnp.ones((2, 24, 28)), win),  # height and width swapped
+        lambda: _attention.read_channels_first(jnp.ones((2, 1, 32, 32)), win),
+        lambda: _attention.write(jnp.ones((2, 3, 3)), win, height=32, width=24),
+        lambda: _attention.filterbank(win, height=28, width=28),
+    ):
+        with pytest.raises(ValueError, match=r"made for 28x24 images"):
+            call()
+    # The size survives lax.scan stacking; a window made by hand (no size) serves any image.
+    stacked = jax.lax.scan(lambda c, _: (c, win), 0, None, length=2)[1]
+    assert (stacked.height, stacked.width) == (28, 24)
+    any_size = dataclasses.replace(win, height=None, width=None)
+    assert _attention.read(jnp.ones((2, 32, 32)), any_size).shape == (2, 3, 3)
+
+
+def test_nan_window_parameters_give_nan_glimpses_as_documented():
+    params = jnp.zeros((2, 5)).at[0, 0].set(jnp.nan)
+    win = _attention.window_from_params(params, n=3, height=10, width=10)
+    glimpse = _attention.read(jnp.ones((2, 10, 10)), win)
+    assert bool(jnp.all(jnp.isnan(glimpse[0]))) and bool(jnp.all(jnp.isfinite(glimpse[1])))
