@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from draw_jax.config import LIKELIHOODS
-from draw_jax.model import DrawOutputs
+from draw_jax.model import DrawOutputs, check_pixels
 
 __all__ = [
     "LIKELIHOODS",
@@ -153,7 +153,12 @@ def draw_bound(outputs: DrawOutputs, x: jax.Array, kl_weight: jax.Array | float 
 
     Returns:
       ``Bound`` (batch means, and the per-example bound).
+
+    Raises:
+      ValueError: x (given from the host, not under jit) has a NaN or a value
+        outside [0, 1] (``model.check_pixels``).
     """
+    check_pixels(x, "draw_bound's targets x")
     recon = reconstruction_nll(outputs, x)  # [b]
     kl_t = kl_per_step(outputs.mu, outputs.logsigma)  # [T, b]
     kl = jnp.sum(kl_t, axis=0)  # [b]

@@ -16,13 +16,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from draw_jax import attention
 from draw_jax.config import DrawConfig
 
-__all__ = ["DRAW", "DrawOutputs", "Generation", "LSTMCell", "StepOutputs"]
+__all__ = ["DRAW", "DrawOutputs", "Generation", "LSTMCell", "StepOutputs", "check_pixels"]
 
 
 class DrawOutputs(NamedTuple):
@@ -164,6 +165,35 @@ class LSTMCell(nnx.Module):
         cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
         h = jax.nn.sigmoid(o) * jnp.tanh(cell)
         return h, cell
+
+
+def check_pixels(x: jax.Array, what: str) -> None:
+    """Refuses pixel values outside [0, 1], or NaN, in an array given from the host.
+
+    DRAW models pixel intensities in [0, 1] (eq. 9 and the discretised
+    logistic); 8-bit values or a NaN would give a meaningless bound, not an
+    error. The check runs where images enter from the host (``DRAW.__call__``
+    and ``losses.draw_bound`` on concrete arrays). Under ``jit`` x is a tracer
+    and nothing is checked: the train and eval steps get their images from
+    ``draw_jax.data``, which validates every file it loads, so the compiled
+    steps pay nothing.
+
+    Raises:
+      ValueError: naming ``what``, the offending values and the fix.
+    """
+    if isinstance(x, jax.core.Tracer):
+        return
+    values = np.asarray(x)
+    if values.dtype == np.bool_ or values.size == 0:
+        return
+    if np.issubdtype(values.dtype, np.floating):
+        bad = int(np.isnan(values).sum())
+        if bad:
+            raise ValueError(f"{what} has {bad} NaN pixel value(s); pixels must be numbers in [0, 1]")
+    low, high = values.min(), values.max()
+    if low < 0 or high > 1:
+        hint = " (8-bit pixels? divide by 255)" if high <= 255 and low >= 0 else ""
+        raise ValueError(f"{what} must have pixel values in [0, 1], got values from {low} to {high}{hint}")
 
 
 # Carry of the scan: canvas, encoder (h, cell), decoder (h, cell).
@@ -319,6 +349,7 @@ class DRAW(nnx.Module):
                 f"DRAW expects images of shape [batch, {', '.join(map(str, self.config.image_shape))}] "
                 f"(height, width, channels from DrawConfig), got {tuple(x.shape)}"
             )
+        check_pixels(x, "DRAW's images x")
 
     def noise(self, key: jax.Array, batch: int) -> jax.Array:
         """[T, b, z] standard normal draws for the reparameterised samples."""
@@ -337,6 +368,10 @@ class DRAW(nnx.Module):
 
         Returns:
           ``DrawOutputs``.
+
+        Raises:
+          ValueError: x has another shape than the config's, or (given from the
+            host, not under jit) a NaN or a value outside [0, 1].
         """
         self._check_images(x)
         x = x.astype(jnp.float32)

@@ -301,3 +301,31 @@ def test_module_equals_the_papers_equations_written_out(name):
     np.testing.assert_allclose(out.mu, mu, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out.logsigma, logsigma, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out.canvases, canvases, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.full((2, 12, 10, 1), 0.5, np.float32).copy(), "NaN"),
+        (np.full((2, 12, 10, 1), 200.0, np.float32), r"from 200.0 to 200.0 \(8-bit pixels\? divide by 255\)"),
+        (np.full((2, 12, 10, 1), 200, np.uint8), "divide by 255"),
+        (np.full((2, 12, 10, 1), -0.5, np.float32), "from -0.5"),
+    ],
+)
+def test_pixels_outside_0_1_or_nan_are_refused_from_the_host(bad, message):
+    if message == "NaN":
+        bad[0, 3, 4, 0] = np.nan
+    model = DRAW(SMALL, rngs=nnx.Rngs(0))
+    good = np.full((2, 12, 10, 1), 0.5, np.float32)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match=rf"DRAW's images x .*{message}"):
+        model(bad, key)
+    with pytest.raises(ValueError, match=rf"draw_bound's targets x .*{message}"):
+        draw_bound(model(good, key), bad)
+    # Under jit nothing is checked (the compiled steps pay nothing): the values flow through.
+    graphdef, params = nnx.split(model)
+    loss = jax.jit(lambda p, x: draw_bound(nnx.merge(graphdef, p)(x, key), x).loss)(params, bad)
+    assert loss.shape == ()
+    # Binary and boolean images, and values at the ends of [0, 1], are fine.
+    for ok in (np.ones((2, 12, 10, 1), np.uint8), np.zeros((2, 12, 10, 1), bool), good):
+        assert np.isfinite(float(draw_bound(model(ok, key), ok).loss))
