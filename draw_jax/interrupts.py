@@ -6,16 +6,35 @@ process outright by default: no message, writers not closed. While a run trains,
 ``sigterm_as_interrupt`` turns it into ``Terminated``, a ``KeyboardInterrupt``,
 so both end the run the same way (the last completed checkpoint named, files
 closed); ``deferred`` holds both back while a checkpoint is written.
+
+A command can ask for more (``exit_promptly``): from then on either signal
+prints one line and ends the process at once, even while XLA compiles or a
+computation runs in C++, where Python cannot raise an exception until the call
+returns (and raising one when it does has crashed the process). The training
+loop uses this while nothing can be lost (start-up, the first compile,
+evaluations) and switches back to exceptions (``as_exceptions``) around its
+steps and saves, which must end cleanly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-__all__ = ["Terminated", "deferred", "signal_of", "sigterm_as_interrupt"]
+__all__ = [
+    "Terminated",
+    "as_exceptions",
+    "deferred",
+    "describe",
+    "exit_promptly",
+    "prompt_exit_active",
+    "signal_of",
+    "sigterm_as_interrupt",
+]
 
 # What ``deferred`` holds back.
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -23,6 +42,11 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C while ``sigterm_as_interrupt`` is active."""
+
+
+def describe(sig: signal.Signals) -> str:
+    """ "interrupted" (Ctrl-C) or "stopped by SIGTERM": how a message names what ended a run."""
+    return "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
 
 
 def signal_of(e: BaseException) -> signal.Signals:
@@ -82,3 +106,99 @@ def deferred() -> Iterator[None]:
         elif handler == signal.SIG_DFL:  # deliver it again, now with its default action
             signal.raise_signal(signum)
         # SIG_IGN (e.g. SIGINT of a background job): ignored, as it would have been
+
+
+class _PromptExit:
+    """SIGINT and SIGTERM end the process from a watcher thread (``signal.set_wakeup_fd``).
+
+    Python runs signal handlers only in the main thread, between bytecodes; the
+    C-level handler also writes the signal's number to the wakeup pipe at once,
+    and the watcher, blocked on that pipe, prints the message and exits.
+    """
+
+    def __init__(self) -> None:
+        self.message: Callable[[signal.Signals], str] = lambda sig: "interrupted"
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._previous: dict[int, object] = {}
+        self._suspended = 0
+        threading.Thread(target=self._watch, name="draw_jax-prompt-exit", daemon=True).start()
+        self._arm()
+
+    def _arm(self) -> None:
+        for s in _SIGNALS:
+            previous = signal.getsignal(s)
+            if previous is signal.SIG_IGN:  # ignored (a background job's SIGINT): stays ignored
+                continue
+            self._previous[s] = previous
+            signal.signal(s, lambda signum, frame: None)  # the watcher acts; the main thread goes on
+        signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+
+    def _disarm(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
+        self._previous = {}
+
+    def _watch(self) -> None:
+        while True:
+            data = os.read(self._read, 1)
+            if not data:
+                return
+            if self._suspended or data[0] not in self._previous:
+                continue
+            sig = signal.Signals(data[0])
+            try:
+                sys.stderr.write(f"{self.message(sig)}\n")
+                sys.stderr.flush()
+            finally:
+                os._exit(128 + sig)
+
+    def suspend(self) -> None:
+        if self._suspended == 0:
+            self._disarm()
+        self._suspended += 1
+
+    def resume(self) -> None:
+        self._suspended -= 1
+        if self._suspended == 0:
+            self._arm()
+
+
+_prompt: _PromptExit | None = None
+
+
+def exit_promptly(message: Callable[[signal.Signals], str] | str) -> None:
+    """From now on SIGINT or SIGTERM prints ``message`` and exits at once with 128 + its number.
+
+    For a command's ``__main__`` (a library never calls it: a notebook keeps
+    its KeyboardInterrupt). Calling it again replaces the message, which may
+    be a function of the signal. Main thread only (elsewhere a no-op).
+    """
+    global _prompt
+    if not _in_main_thread():
+        return
+    if _prompt is None:
+        _prompt = _PromptExit()
+    _prompt.message = message if callable(message) else (lambda sig, text=message: text)
+
+
+def prompt_exit_active() -> bool:
+    """Whether ``exit_promptly`` was called in this process."""
+    return _prompt is not None
+
+
+@contextlib.contextmanager
+def as_exceptions() -> Iterator[None]:
+    """Inside the block ``exit_promptly`` is suspended: Ctrl-C raises KeyboardInterrupt again
+    and SIGTERM ``Terminated`` (``sigterm_as_interrupt``). Outside any ``exit_promptly`` this
+    does nothing."""
+    if _prompt is None or not _in_main_thread():
+        yield
+        return
+    _prompt.suspend()
+    try:
+        with sigterm_as_interrupt():
+            yield
+    finally:
+        _prompt.resume()

@@ -190,54 +190,84 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
         acc, progress = MetricAccumulator(), Progress(start, sched.num_steps, sched.batch_size)
         t_start, compiled = time.time(), False
         t_saved = t_start  # the clock of --checkpoint_minutes: since the last save (or the start)
+        completed = start  # the last step whose computation has finished
+
+        def resume_hint(how: str) -> str:
+            saved = checkpoints.latest_step()
+            if saved is None:
+                return (
+                    f"{how} after step {completed}, before the first checkpoint (every "
+                    f"--checkpoint_every={sched.checkpoint_every} steps or --checkpoint_minutes="
+                    f"{sched.checkpoint_minutes:g}): the same command starts the run over"
+                )
+            return (
+                f"{how} after step {completed}; the last completed checkpoint (step {saved}) is in "
+                f"{checkpoints.directory}: run the same command to resume"
+            )
+
+        def prompt_message(sig: signal.Signals) -> str:
+            return f"error: {resume_hint(interrupts.describe(sig))}"
+
+        # Where a command asked for it (interrupts.exit_promptly), Ctrl-C or SIGTERM
+        # during the first compile and during evaluations ends the process at once
+        # (nothing there can be lost); steps and saves run under as_exceptions, so
+        # that an interrupt there ends the loop below, cleanly.
+        if interrupts.prompt_exit_active():
+            interrupts.exit_promptly(prompt_message)
         try:
             while step < sched.num_steps:
                 t0 = time.time()
-                state, metrics, k = feeder(state, step, sched.num_steps)
-                acc.add(metrics)
-                prev, step = step, step + k
                 if not compiled:
-                    jax.block_until_ready(state.step)
-                    logging.info("first step (compile + run) took %.1fs", time.time() - t0)
-                    compiled = True
-                    progress.restart(step)
-                last = step >= sched.num_steps
-                if _crossed(prev, step, sched.log_every) or last:
-                    acc.drain(step, divergence_hint())
-                    progress.update(step)
-                    means = acc.means() | {"images_per_s": progress.images_per_s}
-                    last_train = {name: float(v) for name, v in means.items() if np.ndim(v) == 0}
-                    if is_chief:
-                        writers["train"].scalars(step, means)
                     logging.info(
-                        "step %d/%d  %s  %.0f img/s  eta %s",
-                        step, sched.num_steps, task.summary(last_train), progress.images_per_s,
-                        progress.eta(step),
-                    )  # fmt: skip
-                due = sched.checkpoint_minutes > 0 and time.time() - t_saved >= 60 * sched.checkpoint_minutes
-                if _crossed(prev, step, sched.checkpoint_every) or last or due:
-                    acc.drain(step, divergence_hint())  # never save parameters a NaN has touched
-                    checkpoints.save(step, state)
-                    t_saved = time.time()
+                        "compiling the train step (%d step(s) per call) and running it", feeder.steps_per_call
+                    )
+                with interrupts.as_exceptions() if compiled else contextlib.nullcontext():
+                    state, metrics, k = feeder(state, step, sched.num_steps)
+                    acc.add(metrics)  # returns once the call before this one has finished
+                    if compiled:
+                        completed = step
+                    prev, step = step, step + k
+                    if not compiled:
+                        jax.block_until_ready(state.step)
+                        completed = step
+                        logging.info("first step (compile + run) took %.1fs", time.time() - t0)
+                        compiled = True
+                        progress.restart(step)
+                with interrupts.as_exceptions():
+                    last = step >= sched.num_steps
+                    if _crossed(prev, step, sched.log_every) or last:
+                        acc.drain(step, divergence_hint())
+                        completed = step
+                        progress.update(step)
+                        means = acc.means() | {"images_per_s": progress.images_per_s}
+                        last_train = {name: float(v) for name, v in means.items() if np.ndim(v) == 0}
+                        if is_chief:
+                            writers["train"].scalars(step, means)
+                        logging.info(
+                            "step %d/%d  %s  %.0f img/s  eta %s",
+                            step, sched.num_steps, task.summary(last_train), progress.images_per_s,
+                            progress.eta(step),
+                        )  # fmt: skip
+                    minutes = sched.checkpoint_minutes
+                    due = minutes > 0 and time.time() - t_saved >= 60 * minutes
+                    if _crossed(prev, step, sched.checkpoint_every) or last or due:
+                        acc.drain(step, divergence_hint())  # never save parameters a NaN has touched
+                        completed = step
+                        checkpoints.save(step, state)
+                        t_saved = time.time()
+                    if _crossed(prev, step, sched.eval_every) or last:
+                        acc.drain(step, divergence_hint())
+                        completed = step
+                        for writer in writers.values():
+                            writer.flush()  # an evaluation may end the process at once
                 if _crossed(prev, step, sched.eval_every) or last:
                     evaluate(step)
                     progress.restart(step)  # evaluation time is not training time
         except (KeyboardInterrupt, SystemError) as e:
             if not _is_interrupt(e):
                 raise
-            saved, sig = checkpoints.latest_step(), interrupts.signal_of(e)
-            how = "interrupted" if sig == signal.SIGINT else f"stopped by {sig.name}"
-            if saved is None:
-                raise TrainingInterrupted(
-                    f"{how} at step {step}, before the first checkpoint (every --checkpoint_every="
-                    f"{sched.checkpoint_every} steps): the same command starts the run over",
-                    sig,
-                ) from None
-            raise TrainingInterrupted(
-                f"{how} at step {step}; the last completed checkpoint (step {saved}) is in "
-                f"{checkpoints.directory}: run the same command to resume",
-                sig,
-            ) from None
+            sig = interrupts.signal_of(e)
+            raise TrainingInterrupted(resume_hint(interrupts.describe(sig)), sig) from None
 
         if not last_eval:  # a finished run run again: its figures, measured now
             evaluate(step)

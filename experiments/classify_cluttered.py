@@ -13,6 +13,13 @@ run. The model lives in ``draw_jax.classifier`` (a user of
 
 from __future__ import annotations
 
+from draw_jax import interrupts
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM from the first moment: one line, never a traceback
+    interrupts.exit_promptly(
+        lambda sig: f"error: {interrupts.describe(sig)} while starting up: nothing was trained"
+    )
+
 import os
 
 import jax
@@ -126,7 +133,7 @@ def main(argv: list[str]) -> None:
     except TrainingDiverged as e:
         cli.fail(str(e), code=3)
     except TrainingInterrupted as e:
-        cli.fail(str(e), code=128 + e.signal)  # 130 for Ctrl-C, 143 for SIGTERM
+        cli.fail(str(e), code=128 + e.signal, at_once=True)  # 130 for Ctrl-C, 143 for SIGTERM
     if FLAGS.test:
         test = cluttered.load("test", variant=config.variant, seed=config.data_seed, data_dir=config.data_dir,
                               tfds_data_dir=config.tfds_data_dir)  # fmt: skip

@@ -102,30 +102,43 @@ def check_folder(flag: str, path: str) -> None:
         raise ConfigError(f"--{flag}={path} is a file, not a folder: give a folder (it is made if missing)")
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Prints one wrapped paragraph to stderr and exits non-zero."""
+def fail(message: str, code: int = 2, *, at_once: bool = False) -> None:
+    """Prints one wrapped paragraph to stderr and exits non-zero.
+
+    ``at_once``: end the process now (``os._exit``), without waiting for
+    computations still queued on the devices (an interrupted run whose files
+    are already closed would otherwise take seconds to exit).
+    """
     text = textwrap.fill(f"error: {message}", width=100, break_long_words=False, break_on_hyphens=False)
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
+    if at_once:
+        sys.stdout.flush()
+        os._exit(code)
     raise SystemExit(code)
 
 
 class _QuietLibraries(logging_std.Filter):
-    """Drops INFO chatter of orbax and TFDS from the console (warnings still show)."""
+    """Drops INFO chatter of orbax, TFDS and JAX's TPU probe from the console (warnings still show)."""
 
     def filter(self, record: logging_std.LogRecord) -> bool:
         noisy = any(f"/{lib}/" in record.pathname for lib in ("orbax", "tensorflow_datasets"))
-        return record.levelno >= logging_std.WARNING or not noisy
+        # JAX's INFO that no TPU library is installed reads like an error on every CPU or GPU machine.
+        no_tpu = record.pathname.endswith("xla_bridge.py") and "libtpu" in record.getMessage()
+        return record.levelno >= logging_std.WARNING or not (noisy or no_tpu)
 
 
 _HELP = ("--help", "--helpshort", "--helpfull", "--helpxml", "-?")
 
 
 def run(main: Callable[[list[str]], None]) -> None:
-    """``absl.app.run(main)``, with ``-h`` as ``--help`` and help exiting 0 (absl exits 1)."""
+    """``absl.app.run(main)``, with ``-h`` as ``--help``, help exiting 0 (absl exits 1), and
+    Ctrl-C one line (exit 130), not a traceback."""
     argv = ["--help" if a == "-h" else a for a in sys.argv]
     try:
         app.run(main, argv=argv)
+    except KeyboardInterrupt:  # a command that writes nothing worth a message of its own
+        fail("interrupted", code=130, at_once=True)
     except SystemExit as e:
         if e.code == 1 and any(a in _HELP for a in argv[1:]):
             raise SystemExit(0) from None

@@ -11,6 +11,13 @@ run's own config.json (``settings.resumed_config``); Ctrl-C or SIGTERM
 
 from __future__ import annotations
 
+from draw_jax import interrupts
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM from the first moment: one line, never a traceback
+    interrupts.exit_promptly(
+        lambda sig: f"error: {interrupts.describe(sig)} while starting up: nothing was trained"
+    )
+
 import jax
 from absl import flags, logging
 
@@ -50,7 +57,7 @@ def main(argv: list[str]) -> None:
     except TrainingDiverged as e:
         cli.fail(str(e), code=3)
     except TrainingInterrupted as e:
-        cli.fail(str(e), code=128 + e.signal)  # 130 for Ctrl-C, 143 for SIGTERM
+        cli.fail(str(e), code=128 + e.signal, at_once=True)  # 130 for Ctrl-C, 143 for SIGTERM
     split = config.data.eval_split
     logging.info(
         "done: step %d, %s bound %.2f nats", results["step"], split, results[split].get("bound", float("nan"))

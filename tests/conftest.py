@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import tempfile
@@ -59,3 +60,17 @@ def binarized_train(shared_data: str):
     from draw_jax import data
 
     return data.load_split("binarized_mnist", "train", os.path.join(shared_data, "binarized_mnist"))
+
+
+@pytest.fixture(scope="session")
+def small_data(shared_data, tmp_path_factory):
+    """The first 600 train / 200 valid images of the real binarized MNIST, as .amat.gz files."""
+    from draw_jax import data
+
+    folder = tmp_path_factory.mktemp("bmnist")
+    src = os.path.join(shared_data, "binarized_mnist")
+    for split, n in (("train", 600), ("valid", 200)):
+        images = data.load_split("binarized_mnist", split, src).images[:n].reshape(n, -1)
+        with gzip.open(folder / f"binarized_mnist_{split}.amat.gz", "wt") as f:
+            f.write("\n".join(" ".join(map(str, row)) for row in images) + "\n")
+    return str(folder)

@@ -15,7 +15,7 @@ from draw_jax import checkpoint
 from draw_jax.checkpoint import Checkpointer, CheckpointError
 from draw_jax.train_loop import train_and_evaluate
 from draw_jax.workdir import load_trained
-from tests.test_train import final_params, run_cli, small_data, tiny_config  # noqa: F401  (fixture)
+from tests.test_train import final_params, run_cli, tiny_config
 
 
 def data_files(step_dir: str) -> list[str]:
@@ -88,7 +88,7 @@ def test_a_checkpoint_without_a_record_restores_with_a_warning(saved, caplog):
     assert any("cannot be verified" in r.getMessage() for r in caplog.records)
 
 
-def test_a_resumed_run_falls_back_past_a_damaged_checkpoint_and_keeps_it(small_data, tmp_path):  # noqa: F811
+def test_a_resumed_run_falls_back_past_a_damaged_checkpoint_and_keeps_it(small_data, tmp_path):
     cfg = tiny_config(small_data, num_steps=12, checkpoint_every=4, keep_checkpoints=2, eval_every=0)
     clean, damaged = str(tmp_path / "clean"), str(tmp_path / "damaged")
     train_and_evaluate(cfg, clean)
@@ -100,7 +100,8 @@ def test_a_resumed_run_falls_back_past_a_damaged_checkpoint_and_keeps_it(small_d
         load_trained(damaged)
     for command in (["experiments.evaluate"], ["experiments.sample", f"--output_dir={tmp_path / 'out'}"]):
         proc = run_cli(*command, f"--workdir={damaged}", ok=False)
-        assert proc.returncode == 2 and "checkpoints/12 is damaged" in proc.stderr, command
+        message = " ".join(proc.stderr.split())  # the message is wrapped at 100 columns
+        assert proc.returncode == 2 and "checkpoints/12 is damaged" in message, command
         assert "Traceback" not in proc.stderr
 
     # The same command resumes from step 8, sets step 12 aside, and redoes 8 -> 12 exactly.
@@ -112,7 +113,7 @@ def test_a_resumed_run_falls_back_past_a_damaged_checkpoint_and_keeps_it(small_d
     jax.tree.map(np.testing.assert_array_equal, redone.params, final_params(clean, cfg).params)
 
 
-def test_a_run_whose_every_checkpoint_is_damaged_stops_and_keeps_them_all(small_data, tmp_path):  # noqa: F811
+def test_a_run_whose_every_checkpoint_is_damaged_stops_and_keeps_them_all(small_data, tmp_path):
     cfg = tiny_config(small_data, num_steps=8, checkpoint_every=4, keep_checkpoints=2, eval_every=0)
     workdir = str(tmp_path / "run")
     train_and_evaluate(cfg, workdir)
@@ -128,7 +129,7 @@ def saved_steps(workdir: str) -> list[int]:
     return sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(workdir, "checkpoints", "*")))
 
 
-def test_checkpoints_by_time_as_well_as_by_steps(small_data, tmp_path):  # noqa: F811
+def test_checkpoints_by_time_as_well_as_by_steps(small_data, tmp_path):
     # Steps alone (every 0 = at the end): one checkpoint. With a clock that is
     # always due (a millisecond), one after every call of the 2 steps between log lines.
     common = dict(num_steps=6, log_every=2, checkpoint_every=0, keep_checkpoints=10, eval_every=0)

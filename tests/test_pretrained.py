@@ -15,7 +15,7 @@ from draw_jax.evaluation import SplitEvaluator
 from draw_jax.settings import build_config
 from draw_jax.train_loop import train_and_evaluate
 from draw_jax.workdir import Trained, load_trained
-from tests.test_train import run_cli, small_data, tiny_config  # noqa: F401  (fixture)
+from tests.test_train import run_cli, tiny_config
 
 # A re-measured bound may move by float rounding across machines and jax
 # versions (the seed fixes every draw); more than this means the loading or the
@@ -82,7 +82,7 @@ def test_unknown_name_and_missing_parameters(tmp_path):
         pretrained.load(stem)
 
 
-def test_init_from_takes_the_released_model_and_its_parameters(small_data, tmp_path):  # noqa: F811
+def test_init_from_takes_the_released_model_and_its_parameters(small_data, tmp_path):
     trained, stem = _released_tiny(tmp_path)
     # The model settings come from the release; a clashing one is refused by name.
     assert build_config(init_from=stem + ".npz").model == trained.config.model

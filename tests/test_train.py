@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import os
 import shutil
@@ -25,20 +24,6 @@ from draw_jax.workdir import load_trained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_FLAGS = ["--preset=tiny"]
-
-
-@pytest.fixture(scope="module")
-def small_data(shared_data, tmp_path_factory):
-    """The first 600 train / 200 valid images of the real binarized MNIST, as .amat.gz files."""
-    from draw_jax import data
-
-    folder = tmp_path_factory.mktemp("bmnist")
-    src = os.path.join(shared_data, "binarized_mnist")
-    for split, n in (("train", 600), ("valid", 200)):
-        images = data.load_split("binarized_mnist", split, src).images[:n].reshape(n, -1)
-        with gzip.open(folder / f"binarized_mnist_{split}.amat.gz", "wt") as f:
-            f.write("\n".join(" ".join(map(str, row)) for row in images) + "\n")
-    return str(folder)
 
 
 def tiny_config(data_dir: str, **settings) -> TrainConfig:
@@ -449,7 +434,7 @@ def test_ctrl_c_keeps_a_resumable_checkpoint(small_data, tmp_path, sig, how):
             proc.wait()
     assert proc.returncode == 128 + getattr(signal, sig), stderr[-3000:]
     message = " ".join(stderr.split())  # the message is wrapped at 100 columns
-    assert f"{how} at step" in message and "run the same command to resume" in message
+    assert f"{how} after step" in message and "run the same command to resume" in message
     assert "Traceback" not in stderr
     with Checkpointer(workdir) as ckpt:
         last = ckpt.latest_step()
