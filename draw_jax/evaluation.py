@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from draw_jax import data as data_lib
 from draw_jax.losses import draw_bound, reconstruction_nll
+from draw_jax.metrics import format_duration
 from draw_jax.train_step import Params, apply_model
 
 __all__ = ["SplitEvaluator", "SplitResult", "eval_batches", "log_importance_weights"]
@@ -111,14 +114,23 @@ class SplitEvaluator:
 
         self._batch_eval = batch_eval
 
-    def __call__(self, params: Params, images: np.ndarray, seed: int = 0) -> SplitResult:
+    def __call__(
+        self, params: Params, images: np.ndarray, seed: int = 0, *, progress_every_s: float = 15.0
+    ) -> SplitResult:
+        """The figures over ``images``; logs progress (images done, ETA) every ``progress_every_s``."""
         base = jax.random.key(seed)
         sums = np.zeros(4 if self.k > 0 else 3)
-        count = 0
+        count, total = 0, len(images)
+        t_start = t_logged = time.time()
         for i, (batch, mask) in enumerate(eval_batches(images, self.batch_size)):
             per = jax.device_get(self._batch_eval(params, batch, jax.random.fold_in(base, i)))
             sums += np.array([np.sum(np.asarray(p, np.float64)[mask]) for p in per])
             count += int(mask.sum())
+            now = time.time()
+            if progress_every_s > 0 and now - t_logged >= progress_every_s and count < total:
+                t_logged = now
+                eta = (total - count) * (now - t_start) / count
+                logging.info("evaluated %d/%d images, eta %s", count, total, format_duration(eta))
         means = sums / max(count, 1)
         return SplitResult(
             bound=float(means[0]),
