@@ -37,7 +37,7 @@ import numpy as np
 from draw_jax import train_step
 from draw_jax.config import ConfigError, DrawConfig, TrainConfig
 from draw_jax.model import DRAW
-from draw_jax.workdir import Trained
+from draw_jax.workdir import Trained, load_trained
 
 __all__ = [
     "FORMAT_VERSION",
@@ -146,18 +146,31 @@ def _flat(params: train_step.Params) -> tuple[dict[str, Any], Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}, treedef
 
 
-def load(name_or_path: str) -> Trained:
-    """A released model's config, graph and parameters, checksum verified.
+def load(name_or_path: str, step: int | None = None) -> Trained:
+    """A trained model's config, graph and parameters: a released one, or a training run's.
+
+    The one way to load a trained DRAW model, whatever it is: a released
+    model (checksum verified) or a training workdir (its ``config.json`` and
+    the checkpoint at ``step``, every byte verified; ``workdir.load_trained``).
 
     Args:
-      name_or_path: a name from ``available()``, or the path of a ``.npz`` /
-        ``.json`` pair written by ``save``.
+      name_or_path: a name from ``available()``, the path of a ``.npz`` /
+        ``.json`` pair written by ``save``, or a training workdir.
+      step: a workdir's checkpoint (default: the latest); a released model has one.
 
     Raises:
       PretrainedError: unknown name, missing file, checksum mismatch (corrupted
         or truncated), or parameters that do not fit the card's model; each
         naming the file at fault.
+      ConfigError, CheckpointError, FileNotFoundError: a workdir's, as
+        ``workdir.load_trained`` raises them.
     """
+    if os.path.isdir(name_or_path):
+        return load_trained(name_or_path, step)
+    if step is not None:
+        raise PretrainedError(
+            f"step={step} picks a checkpoint of a workdir; released model {name_or_path} has one"
+        )
     card = load_card(name_or_path)
     _, npz_path = resolve(name_or_path)
     if not os.path.isfile(npz_path):
@@ -192,14 +205,15 @@ def load(name_or_path: str) -> Trained:
     return Trained(config=card.config, graphdef=graphdef, params=params, step=card.step)
 
 
-def load_model(name_or_path: str) -> tuple[DRAW, TrainConfig]:
-    """A released model as a DRAW module ready to call and sample, and the config it was trained with.
+def load_model(name_or_path: str, step: int | None = None) -> tuple[DRAW, TrainConfig]:
+    """A trained model (released, or a workdir's, as ``load`` takes it) as a DRAW module ready
+    to call and sample, and the config it was trained with.
 
     ``model(x, key)`` encodes and reconstructs images x [b, h, w, c] in [0, 1]
     (``draw_bound(model(x, key), x)`` is their bound); ``model.generate(key, b)``
     draws b samples from the prior. Same checks and errors as ``load``.
     """
-    trained = load(name_or_path)
+    trained = load(name_or_path, step)
     return trained.model, trained.config
 
 

@@ -12,6 +12,7 @@ import pytest
 from draw_jax import data, pretrained, train_step
 from draw_jax.config import ConfigError
 from draw_jax.evaluation import SplitEvaluator
+from draw_jax.model import DRAW
 from draw_jax.settings import build_config
 from draw_jax.train_loop import train_and_evaluate
 from draw_jax.workdir import Trained, load_trained
@@ -95,6 +96,15 @@ def test_init_from_takes_the_released_model_and_its_parameters(small_data, tmp_p
     after = load_trained(workdir).params
     for a, b in zip(jax.tree.leaves(trained.params), jax.tree.leaves(after), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-9)
+    # One loader for both: a workdir through pretrained.load is the workdir's own model.
+    model, config = pretrained.load_model(workdir)
+    assert config == load_trained(workdir).config and isinstance(model, DRAW)
+    for a, b in zip(
+        jax.tree.leaves(pretrained.load(workdir, step=2).params), jax.tree.leaves(after), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(pretrained.PretrainedError, match="picks a checkpoint of a workdir"):
+        pretrained.load(stem + ".npz", step=2)
 
 
 def test_sample_from_a_release_without_data_writes_the_samples(tmp_path):
