@@ -239,7 +239,9 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
                         acc.drain(step, divergence_hint())
                         completed = step
                         progress.update(step)
-                        means = acc.means() | {"images_per_s": progress.images_per_s}
+                        means = acc.means()
+                        if np.isfinite(progress.images_per_s):  # none yet right after the compile
+                            means["images_per_s"] = progress.images_per_s
                         last_train = {name: float(v) for name, v in means.items() if np.ndim(v) == 0}
                         if is_chief:
                             writers["train"].scalars(step, means)

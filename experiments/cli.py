@@ -6,11 +6,14 @@ from __future__ import annotations
 import functools
 import logging as logging_std
 import os
+import socket
 import sys
 import textwrap
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import jax
 from absl import app, flags, logging
 
 from draw_jax import presets
@@ -26,9 +29,11 @@ __all__ = [
     "DataError",
     "config_from_flags",
     "define_config_flags",
+    "define_process_flags",
     "fail",
     "typed_settings",
     "run",
+    "start_processes",
     "user_errors_as_messages",
 ]
 
@@ -126,6 +131,89 @@ class _QuietLibraries(logging_std.Filter):
         # JAX's INFO that no TPU library is installed reads like an error on every CPU or GPU machine.
         no_tpu = record.pathname.endswith("xla_bridge.py") and "libtpu" in record.getMessage()
         return record.levelno >= logging_std.WARNING or not (noisy or no_tpu)
+
+
+def define_process_flags() -> None:
+    """``--coordinator_address``, ``--num_processes``, ``--process_id``: one run as several processes."""
+    flags.DEFINE_string(
+        "coordinator_address", None,
+        "host:port of process 0's coordinator, for a run of several processes (all given the same "
+        "flags but --process_id), e.g. 127.0.0.1:12355 on one machine.",
+    )  # fmt: skip
+    flags.DEFINE_integer("num_processes", None, "Processes in the run (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", None, "This process's number, 0 .. --num_processes - 1.")
+    flags.DEFINE_integer(
+        "initialization_timeout", 300, "Seconds to wait for every process to reach the coordinator."
+    )
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Returns once ``host:port`` accepts a connection. jaxlib's client aborts the process
+    (SIGABRT, no message a user can act on) when the coordinator never answers.
+
+    Raises:
+      ConfigError: not reachable within ``timeout`` seconds, naming the address.
+    """
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--coordinator_address={address} must be host:port, e.g. 127.0.0.1:12355")
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.time() >= deadline:
+                raise ConfigError(
+                    f"could not reach the coordinator at --coordinator_address={address} within "
+                    f"{timeout:g} s ({e}); is process 0 running, and is the address its host's?"
+                ) from None
+            time.sleep(0.5)
+
+
+def start_processes(auto_detect: bool = False) -> None:
+    """Joins a multi-process run when the process flags ask for one (``jax.distributed``).
+
+    Raises:
+      ConfigError: the process flags are incomplete or out of range, or the
+        coordinator cannot be reached (naming its address).
+    """
+    given = {n: getattr(flags.FLAGS, n) for n in ("coordinator_address", "num_processes", "process_id")}
+    if all(v is None for v in given.values()):
+        if auto_detect:
+            jax.distributed.initialize()
+        return
+    missing = [f"--{n}" for n, v in given.items() if v is None]
+    if missing:
+        raise ConfigError(
+            f"a run of several processes needs --coordinator_address, --num_processes and "
+            f"--process_id; missing {', '.join(missing)}"
+        )
+    if given["num_processes"] < 1 or not 0 <= given["process_id"] < given["num_processes"]:
+        raise ConfigError(
+            f"--process_id={given['process_id']} must be in 0 .. --num_processes - 1 "
+            f"(--num_processes={given['num_processes']})"
+        )
+    address, timeout = given["coordinator_address"], flags.FLAGS.initialization_timeout
+    if given["process_id"] != 0:  # process 0 serves the coordinator; the others must reach it
+        _wait_for_coordinator(address, timeout)
+    # CPU devices of different processes talk through gloo (JAX's CPU collectives).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=given["coordinator_address"],
+            num_processes=given["num_processes"],
+            process_id=given["process_id"],
+            initialization_timeout=flags.FLAGS.initialization_timeout,
+        )
+    except Exception as e:  # jaxlib raises its own kinds; the address is what the user can fix
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ConfigError(
+            f"process {given['process_id']} could not join the run at --coordinator_address="
+            f"{given['coordinator_address']} within {flags.FLAGS.initialization_timeout} s: {first}"
+        ) from None
+    if jax.process_index() != 0:  # the console shows each line once: process 0's
+        logging.set_verbosity(logging.WARNING)
 
 
 _HELP = ("--help", "--helpshort", "--helpfull", "--helpxml", "-?")

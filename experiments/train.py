@@ -28,7 +28,12 @@ from experiments import cli
 
 SETTINGS = cli.define_config_flags()
 flags.DEFINE_string("workdir", "runs/draw", "Checkpoints, config.json, TensorBoard events, results.json.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host TPU pods).")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Call jax.distributed.initialize() with its auto-detection (Cloud TPU, SLURM, Open MPI).",
+)
+cli.define_process_flags()
 
 flags.adopt_module_key_flags(cli)  # the generated flags show in --help
 
@@ -49,8 +54,7 @@ def main(argv: list[str]) -> None:
         preset, given = cli.typed_settings(SETTINGS)
         config = settings_lib.resumed_config(previous, FLAGS.workdir, preset, **given)
         logging.info("resuming the run in %s with its config.json", FLAGS.workdir)
-    if FLAGS.distributed:
-        jax.distributed.initialize()
+    cli.start_processes(auto_detect=FLAGS.distributed)
     logging.info("devices: %s", jax.devices())
     try:
         results = train_and_evaluate(config, FLAGS.workdir)

@@ -1,0 +1,113 @@
+"""One run as several processes (JAX's multi-controller runtime, gloo CPU collectives on 127.0.0.1).
+
+Two processes of one CPU device each train the same run as one process: the
+same parameters, one writer of the run's files, each console line once, and a
+checkpoint that resumes in another layout.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from draw_jax.workdir import load_trained
+from tests.test_train import ROOT, TINY_FLAGS
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_args(data_dir: str, workdir: str, num_steps: int) -> list[str]:
+    return [
+        sys.executable, "-m", "experiments.train", *TINY_FLAGS, f"--data_dir={data_dir}",
+        f"--workdir={workdir}", f"--num_steps={num_steps}", "--batch_size=50", "--log_every=2",
+        "--checkpoint_every=2", "--eval_every=0", "--eval_examples=100",
+    ]  # fmt: skip
+
+
+def run_processes(args: list[str], n: int, timeout: int = 400) -> list[subprocess.CompletedProcess]:
+    """The same command as n processes of one run (one CPU device each); waits for all."""
+    address = f"127.0.0.1:{free_port()}"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [
+        subprocess.Popen(
+            [*args, f"--coordinator_address={address}", f"--num_processes={n}", f"--process_id={i}"],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(n)
+    ]
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=timeout)
+            out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+def params_of(workdir: str):
+    return jax.tree.leaves(load_trained(workdir).params)
+
+
+def test_two_processes_train_the_same_run_as_one_and_resume_in_another_layout(small_data, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    single = subprocess.run(
+        train_args(small_data, one, 6), cwd=ROOT, capture_output=True, text=True, timeout=400
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    # 4 steps as two processes, then 2 more as one: the 6-step run of one process.
+    runs = run_processes(train_args(small_data, two, 4), 2)
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-3000:] for r in runs]
+    assert "step 4/4" in runs[0].stderr and "step 4/4" not in runs[1].stderr  # each line once
+    # One writer: one event file per TensorBoard folder, one config.json and results.json.
+    assert len(glob.glob(f"{two}/tb/train/*")) == 1 and os.path.isfile(f"{two}/results.json")
+    resumed = subprocess.run(
+        train_args(small_data, two, 6), cwd=ROOT, capture_output=True, text=True, timeout=400
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "at step 4" in resumed.stderr
+    for a, b in zip(params_of(one), params_of(two), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_unreachable_coordinator_is_named(small_data, tmp_path):
+    # Process 1 of 2, alone: the coordinator (process 0) never comes.
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.run(
+        [*train_args(small_data, str(tmp_path / "w"), 2), f"--coordinator_address={address}",
+         "--num_processes=2", "--process_id=1", "--initialization_timeout=5"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and f"--coordinator_address={address}" in message, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [(["--num_processes=2", "--process_id=0"], "missing --coordinator_address"),
+     (["--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"], "--process_id=2 must be in 0 .. ")],
+)  # fmt: skip
+def test_incomplete_process_flags_are_refused_by_name(small_data, tmp_path, flags, named):
+    proc = subprocess.run([*train_args(small_data, str(tmp_path / "w"), 2), *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and named in " ".join(proc.stderr.split()), proc.stderr[-2000:]
