@@ -33,7 +33,12 @@ from draw_jax.metrics import MetricAccumulator, MetricWriter, Progress, Training
 from draw_jax.train_step import TrainState
 from draw_jax.workdir import RESULTS_FILE
 
-__all__ = ["Schedule", "Task", "TrainingDiverged", "TrainingInterrupted", "run"]
+__all__ = ["ProcessGone", "Schedule", "Task", "TrainingDiverged", "TrainingInterrupted", "run"]
+
+
+class ProcessGone(RuntimeError):
+    """In a run of several processes, another process stopped answering; the message names the
+    checkpoint to resume from (all processes restarted with the same command)."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -149,6 +154,7 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
     Raises:
       TrainingDiverged: a metric became non-finite (the last good checkpoint is kept).
       TrainingInterrupted: Ctrl-C or SIGTERM (the last completed checkpoint is kept).
+      ProcessGone: another process of a multi-process run is gone (likewise).
     """
     is_chief = jax.process_index() == 0
     sched = task.schedule
@@ -265,6 +271,16 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
                 if _crossed(prev, step, sched.eval_every) or last:
                     evaluate(step)
                     progress.restart(step)  # evaluation time is not training time
+        except jax.errors.JaxRuntimeError as e:
+            if jax.process_count() == 1:
+                raise
+            # In a run of several processes a collective fails when another process is gone.
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ProcessGone(
+                f"process {jax.process_index()} of {jax.process_count()}: a collective failed, so "
+                f"another process of the run is gone ({first[:300]}). "
+                + resume_hint("stopped").replace("stopped after", "Stopped after", 1)
+            ) from None
         except (KeyboardInterrupt, SystemError) as e:
             if not _is_interrupt(e):
                 raise

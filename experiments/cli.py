@@ -145,6 +145,10 @@ def define_process_flags() -> None:
     flags.DEFINE_integer(
         "initialization_timeout", 300, "Seconds to wait for every process to reach the coordinator."
     )
+    flags.DEFINE_integer(
+        "heartbeat_timeout", 100,
+        "Seconds without a heartbeat after which a process counts as gone and the run ends.",
+    )  # fmt: skip
 
 
 def _wait_for_coordinator(address: str, timeout: float) -> None:
@@ -205,6 +209,7 @@ def start_processes(auto_detect: bool = False) -> None:
             num_processes=given["num_processes"],
             process_id=given["process_id"],
             initialization_timeout=flags.FLAGS.initialization_timeout,
+            heartbeat_timeout_seconds=flags.FLAGS.heartbeat_timeout,
         )
     except Exception as e:  # jaxlib raises its own kinds; the address is what the user can fix
         first = (str(e).strip().splitlines() or [""])[0]

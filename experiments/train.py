@@ -23,6 +23,7 @@ from absl import flags, logging
 
 from draw_jax import settings as settings_lib
 from draw_jax import workdir as workdir_lib
+from draw_jax.loop import ProcessGone
 from draw_jax.train_loop import TrainingDiverged, TrainingInterrupted, train_and_evaluate
 from experiments import cli
 
@@ -62,6 +63,8 @@ def main(argv: list[str]) -> None:
         cli.fail(str(e), code=3)
     except TrainingInterrupted as e:
         cli.fail(str(e), code=128 + e.signal, at_once=True)  # 130 for Ctrl-C, 143 for SIGTERM
+    except ProcessGone as e:  # at once: JAX's exit-time barrier would wait for the lost process, then abort
+        cli.fail(str(e), code=4, at_once=True)
     split = config.data.eval_split
     logging.info(
         "done: step %d, %s bound %.2f nats", results["step"], split, results[split].get("bound", float("nan"))

@@ -111,3 +111,39 @@ def test_incomplete_process_flags_are_refused_by_name(small_data, tmp_path, flag
     proc = subprocess.run([*train_args(small_data, str(tmp_path / "w"), 2), *flags], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 2 and named in " ".join(proc.stderr.split()), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("lost", [1, 0])
+def test_a_lost_process_ends_the_others_at_once_keeping_the_checkpoints(small_data, tmp_path, lost):
+    import time
+
+    from draw_jax.checkpoint import Checkpointer, verify
+
+    workdir = str(tmp_path / "w")
+    address = f"127.0.0.1:{free_port()}"
+    # A checkpoint at step 100, then the loss some steps later, between saves. (A process lost
+    # during a save leaves the others in orbax's barrier until JAX's heartbeat timeout ends them.)
+    args = [*train_args(small_data, workdir, 10**6), f"--coordinator_address={address}", "--num_processes=2",
+            "--checkpoint_every=100", "--log_every=10", "--heartbeat_timeout=20"]  # fmt: skip
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    procs = [subprocess.Popen([*args, f"--process_id={i}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]  # fmt: skip
+    try:
+        for line in procs[0].stderr:  # process 0 logs for the run
+            if "step 120/" in line:
+                break
+        procs[lost].kill()
+        t = time.time()
+        survivor = procs[1 - lost]
+        _, err = survivor.communicate(timeout=60)
+        message = " ".join(err.split())
+        assert survivor.returncode == 4 and "another process of the run is gone" in message, err[-3000:]
+        assert time.time() - t < 30 and "Fatal Python error" not in err
+        assert "the last completed checkpoint (step" in message
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    with Checkpointer(workdir, read_only=True) as ckpt:
+        assert ckpt.all_steps() and all(verify(ckpt.step_directory(s)) for s in ckpt.all_steps())
