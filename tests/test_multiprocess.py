@@ -121,16 +121,16 @@ def test_a_lost_process_ends_the_others_at_once_keeping_the_checkpoints(small_da
 
     workdir = str(tmp_path / "w")
     address = f"127.0.0.1:{free_port()}"
-    # A checkpoint at step 100, then the loss some steps later, between saves. (A process lost
+    # A checkpoint at step 30, then the loss some steps later, between saves. (A process lost
     # during a save leaves the others in orbax's barrier until JAX's heartbeat timeout ends them.)
     args = [*train_args(small_data, workdir, 10**6), f"--coordinator_address={address}", "--num_processes=2",
-            "--checkpoint_every=100", "--log_every=10", "--heartbeat_timeout=20"]  # fmt: skip
+            "--checkpoint_every=30", "--log_every=10", "--heartbeat_timeout=20"]  # fmt: skip
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [subprocess.Popen([*args, f"--process_id={i}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
              for i in range(2)]  # fmt: skip
     try:
         for line in procs[0].stderr:  # process 0 logs for the run
-            if "step 120/" in line:
+            if "step 40/" in line:
                 break
         procs[lost].kill()
         t = time.time()
