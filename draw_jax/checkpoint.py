@@ -30,7 +30,7 @@ from absl import logging
 
 from draw_jax import interrupts
 
-__all__ = ["CHECKSUMS_FILE", "CheckpointError", "Checkpointer", "verify"]
+__all__ = ["CHECKSUMS_FILE", "CheckpointError", "Checkpointer", "file_sha256", "verify"]
 
 CHECKSUMS_FILE = "checksums.json"
 # Where a run moves a checkpoint that failed to restore (never deleted), beside checkpoints/.
@@ -45,7 +45,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint that fails verification or cannot be restored; the message names it and the file."""
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (hex)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -66,7 +67,7 @@ def _files(directory: str) -> list[str]:
 
 def write_checksums(directory: str) -> None:
     """Writes ``<directory>/checksums.json``: SHA-256 and size of each file of a finished checkpoint."""
-    record = {rel: {"sha256": _sha256(os.path.join(directory, rel)),
+    record = {rel: {"sha256": file_sha256(os.path.join(directory, rel)),
                     "bytes": os.path.getsize(os.path.join(directory, rel))} for rel in _files(directory)}  # fmt: skip
     tmp = os.path.join(directory, CHECKSUMS_FILE + ".tmp")
     with open(tmp, "w") as f:
@@ -103,7 +104,7 @@ def verify(directory: str) -> bool:
                 f"checkpoint {directory} is damaged: {file} has {size} bytes, {want['bytes']} were written "
                 "(truncated?)"
             )
-        if _sha256(file) != want["sha256"]:
+        if file_sha256(file) != want["sha256"]:
             raise CheckpointError(
                 f"checkpoint {directory} is damaged: the bytes of {file} differ from those written "
                 "(SHA-256 mismatch)"

@@ -24,7 +24,6 @@ and ``experiments.train`` ``--init_from=NAME``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import zipfile
@@ -35,6 +34,7 @@ import jax
 import numpy as np
 
 from draw_jax import train_step
+from draw_jax.checkpoint import file_sha256
 from draw_jax.config import ConfigError, DrawConfig, TrainConfig
 from draw_jax.model import DRAW
 from draw_jax.workdir import Trained, load_trained
@@ -117,14 +117,6 @@ def resolve(name_or_path: str) -> tuple[str, str]:
     return stem + ".json", stem + ".npz"
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_card(name_or_path: str) -> Card:
     """The card of a released model.
 
@@ -175,7 +167,7 @@ def load(name_or_path: str, step: int | None = None) -> Trained:
     _, npz_path = resolve(name_or_path)
     if not os.path.isfile(npz_path):
         raise PretrainedError(f"{npz_path} not found (its card is there, its parameters are not)")
-    digest = _sha256(npz_path)
+    digest = file_sha256(npz_path)
     if digest != card.sha256:
         raise PretrainedError(
             f"{npz_path} is corrupted or truncated: SHA-256 {digest[:12]}... does not match its card's "
@@ -253,7 +245,7 @@ def save(
         name=name,
         config=config,
         step=trained.step,
-        sha256=_sha256(npz_path),
+        sha256=file_sha256(npz_path),
         valid_bound=float(valid_bound),
         slice_bound=float(slice_bound),
         slice_size=int(slice_size),
