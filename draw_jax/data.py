@@ -410,13 +410,23 @@ def _load_local(dataset: str, split: str, data_dir: str) -> Dataset:
 # -- TensorFlow Datasets ----------------------------------------------------
 
 
-def _load_tfds(dataset: str, split: str, tfds_data_dir: str | None) -> Dataset:
+def _load_tfds(dataset: str, split: str, tfds_data_dir: str | None, download: bool = True) -> Dataset:
     import tensorflow_datasets as tfds  # heavy import, only on this path
 
     info = DATASETS[dataset]
     tfds_split = info.splits[split][1]
+    if not download:
+        try:
+            prepared = tfds.builder(dataset, data_dir=tfds_data_dir).is_prepared()
+        except Exception:  # an unknown builder, a broken install: not prepared, for this purpose
+            prepared = False
+        if not prepared:
+            raise DataError(
+                f"{dataset} is not prepared in TFDS's folder{f' {tfds_data_dir}' if tfds_data_dir else ''}, "
+                "and nothing is downloaded for this; pass --data_dir with local copies of the files"
+            )
     try:
-        source = tfds.data_source(dataset, split=tfds_split, data_dir=tfds_data_dir, download=True)
+        source = tfds.data_source(dataset, split=tfds_split, data_dir=tfds_data_dir, download=download)
     except ImportError as e:
         raise DataError(
             f"tensorflow-datasets needs TensorFlow to download and prepare {dataset!r} the first "
@@ -446,7 +456,12 @@ def _load_tfds(dataset: str, split: str, tfds_data_dir: str | None) -> Dataset:
 
 
 def load_split(
-    dataset: str, split: str, data_dir: str | None = None, tfds_data_dir: str | None = None
+    dataset: str,
+    split: str,
+    data_dir: str | None = None,
+    tfds_data_dir: str | None = None,
+    *,
+    download: bool = True,
 ) -> Dataset:
     """Loads one split into memory.
 
@@ -458,6 +473,8 @@ def load_split(
         svhn_cropped, valid is the last 5,000 training images.
       data_dir: a folder of local files; when given, TFDS is not used.
       tfds_data_dir: where TFDS keeps prepared data (its own default if None).
+      download: without ``data_dir``, let TFDS download and prepare the data set
+        if it has not (False: refuse instead, for data that is optional).
 
     Returns:
       A ``Dataset`` with uint8 images [m, h, w, c].
@@ -469,11 +486,11 @@ def load_split(
     if dataset == "mnist_two_digits":
         from draw_jax import two_digits
 
-        source = load_split("mnist", split, data_dir, tfds_data_dir)
+        source = load_split("mnist", split, data_dir, tfds_data_dir, download=download)
         return Dataset(two_digits.make(source.images, split).images, binary=False, name=dataset, split=split)
     if data_dir:
         return _load_local(dataset, split, data_dir)
-    return _load_tfds(dataset, split, tfds_data_dir)
+    return _load_tfds(dataset, split, tfds_data_dir, download)
 
 
 # -- batches ----------------------------------------------------------------

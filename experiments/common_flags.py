@@ -56,7 +56,10 @@ def data_config(config: TrainConfig) -> DataConfig:
     return dataclasses.replace(base, **given)
 
 
-def load_data(config: TrainConfig) -> tuple[data_lib.Dataset, DataConfig]:
-    """The --split of the workdir's data set (flags override), and the data settings used."""
+def load_data(config: TrainConfig, *, download: bool = True) -> tuple[data_lib.Dataset, DataConfig]:
+    """The --split of the workdir's data set (flags override), and the data settings used.
+
+    ``download=False`` for data a command can do without: TFDS is then not asked to fetch it.
+    """
     d = data_config(config)
-    return data_lib.load_split(d.dataset, FLAGS.split, d.data_dir, d.tfds_data_dir), d
+    return data_lib.load_split(d.dataset, FLAGS.split, d.data_dir, d.tfds_data_dir, download=download), d

@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
 
     # Reconstructions of held-out images: they need the data (samples did not).
     try:
-        split, data_cfg = common_flags.load_data(trained.config)
+        split, data_cfg = common_flags.load_data(trained.config, download=False)
     except data_lib.DataError as e:
         for path in written:
             print(f"wrote {path}")

@@ -123,6 +123,9 @@ def test_sample_from_a_release_without_data_writes_the_samples(tmp_path):
     )
     assert os.path.isfile(out / "samples.png") and os.path.isfile(out / "generation.gif")
     assert proc.returncode == 0 and "skipped reconstructions" in proc.stderr, proc.stderr[-2000:]
+    # Optional data is never fetched: no TFDS download is started, and the reason says what to pass.
+    assert "not prepared" in proc.stderr and "--data_dir" in proc.stderr
+    assert "Downloading and preparing" not in proc.stdout + proc.stderr
     both = run_cli(
         "experiments.sample", f"--pretrained={stem}", "--workdir=x", f"--output_dir={out}2", ok=False
     )
