@@ -410,33 +410,35 @@ def _load_local(dataset: str, split: str, data_dir: str) -> Dataset:
 # -- TensorFlow Datasets ----------------------------------------------------
 
 
+def _tfds_error(dataset: str, tfds_split: str, e: Exception) -> DataError:
+    """What TFDS's failure to download and prepare a set means for the user."""
+    if isinstance(e, ImportError):
+        return DataError(
+            f"tensorflow-datasets needs TensorFlow to download and prepare {dataset!r} the first "
+            f"time ({e}). Install it with `pip install 'draw_jax[prepare]'`, or pass --data_dir "
+            "with local copies of the files."
+        )
+    # network errors, missing split, ...
+    return DataError(
+        f"tensorflow-datasets could not provide {dataset}/{tfds_split}: {type(e).__name__}: {e}. "
+        "Offline, pass --data_dir with local copies of the files."
+    )
+
+
 def _load_tfds(dataset: str, split: str, tfds_data_dir: str | None, download: bool = True) -> Dataset:
     import tensorflow_datasets as tfds  # heavy import, only on this path
 
     info = DATASETS[dataset]
     tfds_split = info.splits[split][1]
-    if not download:
-        try:
-            prepared = tfds.builder(dataset, data_dir=tfds_data_dir).is_prepared()
-        except Exception:  # an unknown builder, a broken install: not prepared, for this purpose
-            prepared = False
-        if not prepared:
-            raise DataError(
-                f"{dataset} is not prepared in TFDS's folder{f' {tfds_data_dir}' if tfds_data_dir else ''}, "
-                "and nothing is downloaded for this; pass --data_dir with local copies of the files"
-            )
     try:
         source = tfds.data_source(dataset, split=tfds_split, data_dir=tfds_data_dir, download=download)
-    except ImportError as e:
+    except Exception as e:
+        if download:
+            raise _tfds_error(dataset, tfds_split, e) from e
         raise DataError(
-            f"tensorflow-datasets needs TensorFlow to download and prepare {dataset!r} the first "
-            f"time ({e}). Install it with `pip install 'draw_jax[prepare]'`, or pass --data_dir "
-            "with local copies of the files."
-        ) from e
-    except Exception as e:  # network errors, missing split, ...
-        raise DataError(
-            f"tensorflow-datasets could not provide {dataset}/{tfds_split}: {type(e).__name__}: {e}. "
-            "Offline, pass --data_dir with local copies of the files."
+            f"{dataset} is not prepared in TFDS's folder{f' {tfds_data_dir}' if tfds_data_dir else ''} "
+            f"({type(e).__name__}), and nothing is downloaded for this; pass --data_dir with local "
+            "copies of the files"
         ) from e
     records = [source[i] for i in range(len(source))]
     images = np.stack([np.asarray(r["image"]) for r in records]).astype(np.uint8)
