@@ -56,6 +56,9 @@ class ClassifierRunConfig:
     )
     variant: str = "100x100"
     data_seed: int = 0
+    # Each epoch of training images with a fresh digit position and clutter
+    # (cluttered.py, "Redrawn clutter"); False: the one fixed set every epoch.
+    redraw_clutter: bool = True
     data_dir: str | None = None
     tfds_data_dir: str | None = None
     batch_size: int = 64
@@ -92,6 +95,7 @@ class ClassifierRunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClassifierRunConfig:
         d = dict(d)
+        d.setdefault("redraw_clutter", False)  # written before the field existed: the fixed set
         try:
             d["model"], d["optim"] = ClassifierConfig(**d["model"]), OptimConfig(**d["optim"])
             return cls(**d)
@@ -179,9 +183,13 @@ class _ClassifierFeeder:
                  parallel: Parallel, start_step: int) -> None:  # fmt: skip
         self._step_fn, self._train, self._parallel = step_fn, train, parallel
         self._order = feeding.train_indices(len(train), config.batch_size, config.seed, start_step)
+        self._steps_per_epoch = len(train) // config.batch_size
+        self._redraw, self._next_step = config.redraw_clutter, start_step
 
     def __call__(self, state, step, num_steps):
-        images, labels = self._train.batch(next(self._order))
+        epoch = self._next_step // self._steps_per_epoch if self._redraw else 0
+        self._next_step += 1
+        images, labels = self._train.batch(next(self._order), epoch)
         put = self._parallel.put_batch
         state, metrics = self._step_fn(state, put(images), put(labels))
         return state, jax.tree.map(lambda a: a[None], metrics), 1

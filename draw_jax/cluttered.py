@@ -22,6 +22,13 @@ last 10,000, ``test`` from MNIST test; each image's clutter comes from the
 same split, so no pixel of test reaches train. Example ``i`` of a split is a
 pure function of (seed, split, i): the set is the same for the same seed on
 every machine, generated lazily batch by batch (no cache to go stale).
+
+Redrawn clutter (training only): ``epoch=e`` makes example i again from
+MNIST image i with a fresh digit position and fresh clutter, drawn from
+``np.random.default_rng([seed, split, i, e])`` (``epoch=0`` is the fixed set
+above). RAM's generator makes every training image afresh; a fixed set of
+50,000 lets a 256-cell LSTM memorise its clutter (100% train accuracy, valid
+cross-entropy rising) long before the error converges.
 """
 
 from __future__ import annotations
@@ -91,10 +98,13 @@ class ClutteredMNIST:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
-    def placement(self, i: int) -> Placement:
+    def placement(self, i: int, epoch: int = 0) -> Placement:
         if not 0 <= i < len(self):
             raise IndexError(f"example {i} of a split of {len(self)}")
-        rng = np.random.default_rng([self.seed, _SPLIT_IDS[self.split], i])
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        key = [self.seed, _SPLIT_IDS[self.split], i] + ([epoch] if epoch else [])
+        rng = np.random.default_rng(key)
         room = self.size - DIGIT + 1
         digit_yx = tuple(int(v) for v in rng.integers(0, room, size=2))
         # Another image of the split: uniform over the other len - 1.
@@ -104,9 +114,9 @@ class ClutteredMNIST:
         where = rng.integers(0, self.size - PATCH + 1, size=(self.num_clutter, 2))
         return Placement(i, digit_yx, sources, cut, where)
 
-    def example(self, i: int) -> tuple[np.ndarray, int]:
-        """(uint8 [size, size, 1] canvas, label) of example i."""
-        p = self.placement(i)
+    def example(self, i: int, epoch: int = 0) -> tuple[np.ndarray, int]:
+        """(uint8 [size, size, 1] canvas, label) of example i (drawn afresh for ``epoch`` > 0)."""
+        p = self.placement(i, epoch)
         canvas = np.zeros((self.size, self.size, 1), np.uint8)
         y, x = p.digit_yx
         canvas[y : y + DIGIT, x : x + DIGIT] = self.images[i]
@@ -116,9 +126,9 @@ class ClutteredMNIST:
             np.maximum(region, piece, out=region)
         return canvas, int(self.labels[i])
 
-    def batch(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(uint8 [b, size, size, 1], int32 [b]) for the given example indices."""
-        out = [self.example(int(i)) for i in np.asarray(indices)]
+    def batch(self, indices: np.ndarray, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 [b, size, size, 1], int32 [b]) for the given example indices (of ``epoch``'s draw)."""
+        out = [self.example(int(i), epoch) for i in np.asarray(indices)]
         return np.stack([o[0] for o in out]), np.array([o[1] for o in out], np.int32)
 
 

@@ -52,6 +52,9 @@ flags.DEFINE_enum(
 flags.DEFINE_string("data_dir", None, "Folder with the MNIST IDX files (offline); default: TFDS mnist.")
 flags.DEFINE_string("tfds_data_dir", None, "Where TFDS keeps prepared data (its default if unset).")
 flags.DEFINE_integer("data_seed", _RUN.data_seed, "Seed of the cluttered images (placements, clutter).")
+flags.DEFINE_bool("redraw_clutter", _RUN.redraw_clutter,
+                  "Give the training images a fresh digit position and fresh clutter every epoch "
+                  "(valid and test stay one fixed set).")  # fmt: skip
 flags.DEFINE_integer("glimpses", _MODEL.glimpses, "Glimpses per image (the paper: 8; also 4).")
 flags.DEFINE_integer("glimpse_n", _MODEL.glimpse_n, "Glimpse size n (n x n filters; the paper: 12).")
 flags.DEFINE_integer("hidden", _MODEL.hidden, "LSTM cells (the paper: 256).")
@@ -82,7 +85,7 @@ def config_from_flags() -> ClassifierRunConfig:
                              hidden=FLAGS.hidden)  # fmt: skip
     optim = OptimConfig(learning_rate=FLAGS.learning_rate, adam_b1=FLAGS.adam_b1, clip_norm=FLAGS.clip_norm,
                         lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps)  # fmt: skip
-    names = ("variant", "data_seed", "data_dir", "tfds_data_dir", "batch_size", "num_steps", "seed", "log_every",
+    names = ("variant", "data_seed", "redraw_clutter", "data_dir", "tfds_data_dir", "batch_size", "num_steps", "seed", "log_every",
              "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_examples")  # fmt: skip
     return ClassifierRunConfig(model=model, optim=optim, **{n: getattr(FLAGS, n) for n in names})
 

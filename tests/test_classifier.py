@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from draw_jax import attention, cluttered, data, train_step
+from draw_jax import attention, cluttered, data, feeding, train_step
 from draw_jax.classifier import AttentionClassifier, ClassifierConfig
-from draw_jax.classifier_training import ClassifierRunConfig, make_classifier_step
+from draw_jax.classifier_training import ClassifierRunConfig, _ClassifierFeeder, make_classifier_step
 from draw_jax.config import ConfigError, OptimConfig
 from tests.test_train import run_cli
 
@@ -76,6 +76,71 @@ def test_builder_is_deterministic_per_seed_and_differs_across_seeds(mnist_dir):
     assert not np.array_equal(a, c)
     with pytest.raises(ConfigError, match="--variant"):
         cluttered.load("valid", variant="50x50", data_dir=mnist_dir)
+
+
+def test_a_redrawn_epoch_places_and_clutters_the_same_digit_afresh(mnist_dir, mnist):
+    ds = cluttered.load("train", seed=3, data_dir=mnist_dir)
+    moved = 0
+    for i in (0, 5, 17, 123):
+        fixed = ds.example(i)
+        np.testing.assert_array_equal(ds.example(i, epoch=0)[0], fixed[0])  # epoch 0 is the fixed set
+        for epoch in (1, 2):
+            image, label = ds.example(i, epoch)
+            p = ds.placement(i, epoch)
+            assert label == fixed[1] == mnist["train"].labels[i]
+            y, x = p.digit_yx
+            assert np.all(image[y : y + 28, x : x + 28] >= mnist["train"].images[i])
+            assert i not in p.clutter_sources and len(p.clutter_sources) == 8
+            np.testing.assert_array_equal(image, ds.example(i, epoch)[0])  # a pure function of (i, epoch)
+            assert not np.array_equal(image, fixed[0])
+            moved += p.digit_yx != ds.placement(i).digit_yx
+    assert moved >= 6  # positions are redrawn, not only the clutter
+    with pytest.raises(ValueError, match="epoch"):
+        ds.placement(0, epoch=-1)
+
+
+class _Identity:
+    @staticmethod
+    def put_batch(a):
+        return a
+
+
+@pytest.mark.parametrize("redraw", [True, False])
+def test_the_feeder_redraws_each_epoch_and_resumes_mid_run_exactly(mnist, redraw):
+    source = mnist["valid"]
+    small = data.Dataset(source.images[:40], False, "mnist", "valid", source.labels[:40])
+    ds = cluttered.ClutteredMNIST(small, size=60, num_clutter=4, seed=0)
+    config = ClassifierRunConfig(model=ClassifierConfig(height=60, width=60), variant="60x60",
+                                 batch_size=8, redraw_clutter=redraw)  # fmt: skip
+
+    def fed(start, steps):
+        seen = []
+
+        def step_fn(state, images, labels):
+            seen.append((images, labels))
+            return state, {"loss": jnp.zeros(())}
+
+        feeder = _ClassifierFeeder(step_fn, ds, config, _Identity(), start)
+        for s in range(start, start + steps):
+            feeder(None, s, 100)
+        return seen
+
+    whole = fed(0, 12)  # 5 steps per epoch: epochs 0, 1 and part of 2
+    order = feeding.train_indices(40, 8, config.seed)
+    for s, (images, labels) in enumerate(whole):
+        idx = next(order)
+        epoch = s // 5 if redraw else 0
+        np.testing.assert_array_equal(images, ds.batch(idx, epoch)[0])
+        np.testing.assert_array_equal(labels, small.labels[idx])
+    for (a, _), (b, _) in zip(whole[7:], fed(7, 5), strict=True):  # a resumed run sees the same images
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_config_written_before_redrawn_clutter_resumes_the_fixed_set():
+    d = ClassifierRunConfig().to_dict()
+    assert d["redraw_clutter"] is True
+    del d["redraw_clutter"]
+    assert ClassifierRunConfig.from_dict(d).redraw_clutter is False
 
 
 def _model(size=100, glimpses=3, n=12, hidden=32, seed=0):
