@@ -38,6 +38,7 @@ from draw_jax.parallel import Parallel
 __all__ = [
     "ClassifierRunConfig",
     "evaluate_error",
+    "init_classifier",
     "load_classifier",
     "make_classifier_step",
     "train_classifier",
@@ -95,7 +96,9 @@ class ClassifierRunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ClassifierRunConfig:
         d = dict(d)
-        d.setdefault("redraw_clutter", False)  # written before the field existed: the fixed set
+        if "redraw_clutter" not in d:  # written before redrawn clutter and the parameter average
+            d["redraw_clutter"] = False
+            d["optim"] = {**d.get("optim", {}), "ema_decay": 0.0}
         try:
             d["model"], d["optim"] = ClassifierConfig(**d["model"]), OptimConfig(**d["optim"])
             return cls(**d)
@@ -111,24 +114,41 @@ class ClassifierRunConfig:
         return d
 
 
+def init_classifier(config: ClassifierRunConfig) -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, initial parameters as a pure dict) of the run's model, seeded by ``config.seed``."""
+    graphdef, state = nnx.split(AttentionClassifier(config.model, rngs=nnx.Rngs(config.seed)))
+    return graphdef, nnx.to_pure_dict(state)
+
+
 def _init(config: ClassifierRunConfig):
     optim = config.optim
     if optim.decay_steps is None:
         optim = dataclasses.replace(optim, decay_steps=config.num_steps)
     optimizer = train_step.make_optimizer(optim)
-    graphdef, state = nnx.split(AttentionClassifier(config.model, rngs=nnx.Rngs(config.seed)))
-    return graphdef, train_step.create_train_state(nnx.to_pure_dict(state), optimizer), optimizer
+    graphdef, params = init_classifier(config)
+    state = train_step.create_train_state(params, optimizer, ema=optim.ema_decay > 0)
+    return graphdef, state, optimizer
 
 
-def load_classifier(config: ClassifierRunConfig, workdir: str) -> tuple[nnx.GraphDef, Any]:
-    """(graphdef, params) of the latest checkpoint of a classifier run in ``workdir``."""
+def load_classifier(config: ClassifierRunConfig, workdir: str) -> tuple[nnx.GraphDef, Any, int]:
+    """(graphdef, params, step) of the latest checkpoint of a classifier run in ``workdir``.
+
+    The parameters are the ones it is evaluated with: the moving average if the run keeps one.
+    """
     graphdef, like, _ = _init(config)
     with Checkpointer(workdir, read_only=True) as checkpoints:
-        return graphdef, checkpoints.restore(like).params
+        state = checkpoints.restore(like)
+    return graphdef, train_step.eval_params(state), int(state.step)
 
 
-def make_classifier_step(graphdef: nnx.GraphDef, optimizer, batch_sharding=None, *, jit: bool = True):
-    """``step(state, images uint8 [b,h,w,c], labels int32 [b]) -> (state, {loss, accuracy, grad_norm})``."""
+def make_classifier_step(
+    graphdef: nnx.GraphDef, optimizer, batch_sharding=None, *, ema_decay: float = 0.0, jit: bool = True
+):
+    """``step(state, images uint8 [b,h,w,c], labels int32 [b]) -> (state, {loss, accuracy, grad_norm})``.
+
+    With ``ema_decay`` > 0 the state carries a moving average of the parameters
+    (``train_step.update_ema``), which evaluation and releases use.
+    """
 
     def step(state: train_step.TrainState, images: jax.Array, labels: jax.Array):
         if batch_sharding is not None:
@@ -141,8 +161,12 @@ def make_classifier_step(graphdef: nnx.GraphDef, optimizer, batch_sharding=None,
         (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = train_step.update_ema(ema, params, state.step + 1, ema_decay)
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
-        return train_step.TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        new = train_step.TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
+        return new, metrics
 
     return jax.jit(step, donate_argnums=0) if jit else step
 
@@ -213,7 +237,9 @@ class _ClassifierTask:
         )
         self.replicated = parallel.replicated
         self.graphdef, self._state, optimizer = _init(config)
-        self._step_fn = make_classifier_step(self.graphdef, optimizer, parallel.batch)
+        self._step_fn = make_classifier_step(
+            self.graphdef, optimizer, parallel.batch, ema_decay=config.optim.ema_decay
+        )
 
     def init_state(self) -> train_step.TrainState:
         return self._state
@@ -230,7 +256,9 @@ class _ClassifierTask:
     def evaluate(
         self, state: train_step.TrainState, step: int, writer: MetricWriter | None
     ) -> dict[str, float]:
-        res = evaluate_error(self.graphdef, state.params, self.valid, self.config.eval_examples)
+        res = evaluate_error(
+            self.graphdef, train_step.eval_params(state), self.valid, self.config.eval_examples
+        )
         if writer is not None:
             writer.scalars(step, {"error_percent": res["error_percent"], "loss": res["xent"]})
         logging.info("step %d  valid error %.2f%%  xent %.4f (%d images)", step,

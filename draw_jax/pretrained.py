@@ -19,6 +19,11 @@ A released model is two files in ``draw_jax/pretrained/``:
 ``tools.export_pretrained`` writes both from a training workdir;
 ``experiments.sample`` / ``experiments.evaluate`` take ``--pretrained=NAME``
 and ``experiments.train`` ``--init_from=NAME``.
+
+The cluttered-MNIST attention classifiers are released the same way, with a
+``ClassifierCard`` (``"kind": "classifier"`` in the ``.json``):
+``load_classifier(name)`` and ``save_classifier``; ``experiments.classify_cluttered
+--pretrained=NAME`` evaluates one. Each loader refuses the other kind by name.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import numpy as np
 
 from draw_jax import train_step
 from draw_jax.checkpoint import file_sha256
+from draw_jax.classifier_training import ClassifierRunConfig, init_classifier
 from draw_jax.config import ConfigError, DrawConfig, TrainConfig
 from draw_jax.model import DRAW
 from draw_jax.workdir import Trained, load_trained
@@ -43,14 +49,18 @@ __all__ = [
     "FORMAT_VERSION",
     "PRETRAINED_DIR",
     "Card",
+    "ClassifierCard",
     "PretrainedError",
     "available",
     "init_from_model",
     "load",
     "load_card",
+    "load_classifier",
+    "load_classifier_card",
     "load_model",
     "resolve",
     "save",
+    "save_classifier",
 ]
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
@@ -98,6 +108,42 @@ class Card:
         return cls(**d)
 
 
+@dataclasses.dataclass(frozen=True)
+class ClassifierCard:
+    """What a released cluttered-MNIST classifier is and how well it does.
+
+    Attributes:
+      name: the name it is loaded by.
+      config: the run's ``ClassifierRunConfig`` (data paths removed).
+      step: training steps taken.
+      sha256: of the ``.npz``.
+      valid_error: error (%) on the whole valid split, cluttered with the run's data seed.
+      test_error: data seed (as a string) -> error (%) on the 10,000 test images cluttered with it.
+      notes: recipe, command, machine, wall-clock: free text for people.
+    """
+
+    name: str
+    config: ClassifierRunConfig
+    step: int
+    sha256: str
+    valid_error: float
+    test_error: dict[str, float]
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    kind: str = "classifier"
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ClassifierCard:
+        d = dict(d)
+        d["config"] = ClassifierRunConfig.from_dict(d["config"])
+        return cls(**d)
+
+
 def available() -> list[str]:
     """Names of the released models present in this installation."""
     if not os.path.isdir(PRETRAINED_DIR):
@@ -117,25 +163,107 @@ def resolve(name_or_path: str) -> tuple[str, str]:
     return stem + ".json", stem + ".npz"
 
 
-def load_card(name_or_path: str) -> Card:
-    """The card of a released model.
-
-    Raises:
-      PretrainedError: unknown name, missing or malformed card (naming the file).
-    """
+def _read_card(name_or_path: str, kind: str) -> Any:
     card_path, _ = resolve(name_or_path)
     if not os.path.isfile(card_path):
         raise PretrainedError(f"{card_path} not found")
     try:
         with open(card_path) as f:
-            return Card.from_dict(json.load(f))
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
         raise PretrainedError(f"{card_path} is not a draw_jax model card: {e}") from e
+    found = d.get("kind", "draw") if isinstance(d, dict) else None
+    if found != kind:
+        how = {"draw": "pretrained.load or --pretrained of sample and evaluate",
+               "classifier": "pretrained.load_classifier or classify_cluttered --pretrained"}  # fmt: skip
+        if found in how:
+            raise PretrainedError(
+                f"{card_path} is a {found} release, not a {kind} one; load it with {how[found]}"
+            )
+        raise PretrainedError(f"{card_path} is not a draw_jax model card")
+    try:
+        return (Card if kind == "draw" else ClassifierCard).from_dict(d)
+    except (KeyError, TypeError, ConfigError) as e:
+        raise PretrainedError(f"{card_path} is not a draw_jax model card: {e}") from e
+
+
+def load_card(name_or_path: str) -> Card:
+    """The card of a released DRAW model.
+
+    Raises:
+      PretrainedError: unknown name, missing or malformed card, or a classifier's (naming the file).
+    """
+    return _read_card(name_or_path, "draw")
+
+
+def load_classifier_card(name_or_path: str) -> ClassifierCard:
+    """The card of a released classifier (errors as ``load_card``; a DRAW model's card is refused)."""
+    return _read_card(name_or_path, "classifier")
 
 
 def _flat(params: train_step.Params) -> tuple[dict[str, Any], Any]:
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}, treedef
+
+
+def _read_params(name_or_path: str, sha256: str, like: train_step.Params) -> train_step.Params:
+    """The parameters of a release, checksum verified and fitted to ``like``'s tree."""
+    _, npz_path = resolve(name_or_path)
+    if not os.path.isfile(npz_path):
+        raise PretrainedError(f"{npz_path} not found (its card is there, its parameters are not)")
+    digest = file_sha256(npz_path)
+    if digest != sha256:
+        raise PretrainedError(
+            f"{npz_path} is corrupted or truncated: SHA-256 {digest[:12]}... does not match its card's "
+            f"{sha256[:12]}...; fetch the file again (git checkout / reinstall)"
+        )
+    want, treedef = _flat(like)
+    try:
+        with np.load(npz_path, allow_pickle=False) as stored:
+            got = {k: stored[k] for k in stored.files}
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise PretrainedError(f"{npz_path} is not a readable .npz: {e}") from e
+    if set(got) != set(want):
+        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+        raise PretrainedError(
+            f"{npz_path} does not fit its card's model: missing {missing}, unexpected {extra}"
+        )
+    leaves = []
+    for key, ref in want.items():
+        if got[key].shape != ref.shape or got[key].dtype != np.float32:
+            raise PretrainedError(
+                f"{npz_path}: parameter {key} is {got[key].dtype}{list(got[key].shape)}, "
+                f"the model wants float32{list(ref.shape)}"
+            )
+        leaves.append(jax.numpy.asarray(got[key]))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _write_params(params: train_step.Params, npz_path: str) -> str:
+    """Writes float32 parameters to ``npz_path`` (atomically); returns its SHA-256."""
+    os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
+    flat, _ = _flat(params)
+    arrays = {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
+    tmp = npz_path + ".tmp.npz"
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, npz_path)
+    return file_sha256(npz_path)
+
+
+def _write_card(card: Any, card_path: str) -> None:
+    with open(card_path + ".tmp", "w") as f:
+        json.dump(card.to_dict(), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(card_path + ".tmp", card_path)
+
+
+def _refuse_overwrite(path_stem: str, overwrite: bool) -> tuple[str, str]:
+    """(card path, npz path) of ``path_stem``, refusing existing files unless ``overwrite``."""
+    card_path, npz_path = path_stem + ".json", path_stem + ".npz"
+    for path in (card_path, npz_path):
+        if os.path.exists(path) and not overwrite:
+            raise PretrainedError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    return card_path, npz_path
 
 
 def load(name_or_path: str, step: int | None = None) -> Trained:
@@ -164,36 +292,8 @@ def load(name_or_path: str, step: int | None = None) -> Trained:
             f"step={step} picks a checkpoint of a workdir; released model {name_or_path} has one"
         )
     card = load_card(name_or_path)
-    _, npz_path = resolve(name_or_path)
-    if not os.path.isfile(npz_path):
-        raise PretrainedError(f"{npz_path} not found (its card is there, its parameters are not)")
-    digest = file_sha256(npz_path)
-    if digest != card.sha256:
-        raise PretrainedError(
-            f"{npz_path} is corrupted or truncated: SHA-256 {digest[:12]}... does not match its card's "
-            f"{card.sha256[:12]}...; fetch the file again (git checkout / reinstall)"
-        )
     graphdef, like = train_step.init_model(card.config.model, seed=0)
-    want, treedef = _flat(like)
-    try:
-        with np.load(npz_path, allow_pickle=False) as stored:
-            got = {k: stored[k] for k in stored.files}
-    except (zipfile.BadZipFile, ValueError, OSError) as e:
-        raise PretrainedError(f"{npz_path} is not a readable .npz: {e}") from e
-    if set(got) != set(want):
-        missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-        raise PretrainedError(
-            f"{npz_path} does not fit its card's model: missing {missing}, unexpected {extra}"
-        )
-    leaves = []
-    for key, ref in want.items():
-        if got[key].shape != ref.shape or got[key].dtype != np.float32:
-            raise PretrainedError(
-                f"{npz_path}: parameter {key} is {got[key].dtype}{list(got[key].shape)}, "
-                f"the model wants float32{list(ref.shape)}"
-            )
-        leaves.append(jax.numpy.asarray(got[key]))
-    params = jax.tree_util.tree_unflatten(treedef, leaves)
+    params = _read_params(name_or_path, card.sha256, like)
     return Trained(config=card.config, graphdef=graphdef, params=params, step=card.step)
 
 
@@ -227,16 +327,8 @@ def save(
     Raises:
       PretrainedError: the files exist and ``overwrite`` is False.
     """
-    card_path, npz_path = path_stem + ".json", path_stem + ".npz"
-    for path in (card_path, npz_path):
-        if os.path.exists(path) and not overwrite:
-            raise PretrainedError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
-    os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
-    flat, _ = _flat(trained.params)
-    arrays = {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
-    tmp = npz_path + ".tmp.npz"
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, npz_path)
+    card_path, npz_path = _refuse_overwrite(path_stem, overwrite)
+    sha256 = _write_params(trained.params, npz_path)
     config = trained.config
     config = dataclasses.replace(
         config, data=dataclasses.replace(config.data, data_dir=None, tfds_data_dir=None)
@@ -245,16 +337,58 @@ def save(
         name=name,
         config=config,
         step=trained.step,
-        sha256=file_sha256(npz_path),
+        sha256=sha256,
         valid_bound=float(valid_bound),
         slice_bound=float(slice_bound),
         slice_size=int(slice_size),
         notes=dict(notes or {}),
     )
-    with open(card_path + ".tmp", "w") as f:
-        json.dump(card.to_dict(), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(card_path + ".tmp", card_path)
+    _write_card(card, card_path)
+    return card
+
+
+def load_classifier(name_or_path: str) -> tuple[Any, train_step.Params, ClassifierCard]:
+    """(graphdef, params, card) of a released classifier, checksum verified.
+
+    ``nnx.merge(graphdef, params)(images)`` is an ``AttentionClassifier``'s output.
+
+    Raises:
+      PretrainedError: as ``load`` (unknown, missing, corrupted, not fitting), or a DRAW release.
+    """
+    card = load_classifier_card(name_or_path)
+    graphdef, like = init_classifier(card.config)
+    return graphdef, _read_params(name_or_path, card.sha256, like), card
+
+
+def save_classifier(
+    config: ClassifierRunConfig,
+    params: train_step.Params,
+    step: int,
+    path_stem: str,
+    *,
+    name: str,
+    valid_error: float,
+    test_error: Mapping[int, float],
+    notes: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> ClassifierCard:
+    """Writes a classifier's ``<path_stem>.npz`` and ``<path_stem>.json``; ``test_error``: data seed -> %.
+
+    Raises:
+      PretrainedError: the files exist and ``overwrite`` is False.
+    """
+    card_path, npz_path = _refuse_overwrite(path_stem, overwrite)
+    sha256 = _write_params(params, npz_path)
+    card = ClassifierCard(
+        name=name,
+        config=dataclasses.replace(config, data_dir=None, tfds_data_dir=None),
+        step=int(step),
+        sha256=sha256,
+        valid_error=float(valid_error),
+        test_error={str(k): float(v) for k, v in test_error.items()},
+        notes=dict(notes or {}),
+    )
+    _write_card(card, card_path)
     return card
 
 

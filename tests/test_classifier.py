@@ -192,6 +192,29 @@ def test_classifier_overfits_a_small_batch_of_real_cluttered_images(mnist_dir):
     assert float((logits.argmax(-1) == labels).mean()) >= 0.95
 
 
+def test_the_classifier_keeps_the_moving_average_it_is_evaluated_with(mnist_dir):
+    images, labels = cluttered.load("train", variant="60x60", data_dir=mnist_dir).batch(np.arange(8))
+    graphdef, state = nnx.split(_model(size=60, glimpses=2, hidden=16))
+    optimizer = train_step.make_optimizer(
+        OptimConfig(learning_rate=1e-2, lr_schedule="constant", warmup_steps=0)
+    )
+    ts = train_step.create_train_state(nnx.to_pure_dict(state), optimizer, ema=True)
+    step = make_classifier_step(graphdef, optimizer, ema_decay=0.9)
+    # The oracle: the bias-corrected average of the parameters after each update.
+    m, w = jax.tree.map(jnp.zeros_like, ts.params), 0.0
+    for _ in range(4):
+        ts, _ = step(ts, images, labels)
+        m, w = jax.tree.map(lambda a, p: 0.9 * a + 0.1 * p, m, ts.params), 0.9 * w + 0.1
+    for got, want in zip(jax.tree.leaves(ts.ema), jax.tree.leaves(m), strict=True):
+        np.testing.assert_allclose(got, want / w, rtol=1e-5, atol=1e-6)
+    assert train_step.eval_params(ts) is ts.ema
+    # A config written before the average existed resumes without one.
+    d = ClassifierRunConfig().to_dict()
+    assert d["optim"]["ema_decay"] > 0
+    del d["redraw_clutter"]
+    assert ClassifierRunConfig.from_dict(d).optim.ema_decay == 0.0
+
+
 def test_run_config_refuses_bad_settings():
     with pytest.raises(ConfigError, match="--variant=60x60"):
         ClassifierRunConfig(variant="60x60")  # the default model is for 100x100
