@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from draw_jax import attention, cluttered, data, feeding, train_step
+from draw_jax import attention, cluttered, data, feeding, pretrained, train_step
 from draw_jax.classifier import AttentionClassifier, ClassifierConfig
 from draw_jax.classifier_training import ClassifierRunConfig, _ClassifierFeeder, make_classifier_step
 from draw_jax.config import ConfigError, OptimConfig
@@ -244,3 +244,42 @@ def test_entry_point_runs_and_resumes_identically(mnist_dir, tmp_path):
     assert bad.returncode == 2 and "different classifier run" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_cli("experiments.classify_cluttered", "--data_dir=/nonexistent", ok=False)
     assert missing.returncode == 2 and "--data_dir=/nonexistent" in missing.stderr
+
+
+def test_a_released_classifier_is_evaluated_without_training(mnist_dir, tmp_path):
+    run = str(tmp_path / "run")
+    run_cli("experiments.classify_cluttered", f"--data_dir={mnist_dir}", "--variant=60x60", "--glimpses=2",
+            "--hidden=16", "--glimpse_n=6", "--batch_size=16", "--num_steps=6", "--eval_examples=32",
+            f"--workdir={run}")  # fmt: skip
+    out = run_cli("tools.export_pretrained", f"--workdir={run}", "--name=tiny_classifier",
+                  f"--data_dir={mnist_dir}", f"--output_dir={tmp_path}", "--test_seeds=0,1",
+                  "--note=recipe=a test").stdout  # fmt: skip
+    card = pretrained.load_classifier_card(str(tmp_path / "tiny_classifier.json"))
+    assert "released tiny_classifier" in out and card.step == 6 and set(card.test_error) == {"0", "1"}
+    assert (
+        card.config.data_dir is None and card.config.variant == "60x60" and card.notes["recipe"] == "a test"
+    )
+    # The error printed is the card's, seed by seed, and differs between clutter draws only by the draw.
+    evald = tmp_path / "eval"
+    before = sorted(os.listdir(tmp_path))
+    for seed in (0, 1):
+        got = run_cli("experiments.classify_cluttered", f"--pretrained={tmp_path / 'tiny_classifier.json'}",
+                      f"--data_dir={mnist_dir}", f"--data_seed={seed}", "--test", f"--workdir={evald}").stdout  # fmt: skip
+        assert f"test error {card.test_error[str(seed)]:.2f}% on 10000 images" in got, got
+    assert sorted(os.listdir(evald)) == ["tiny_classifier_test_seed0.json", "tiny_classifier_test_seed1.json"]
+    assert sorted(os.listdir(tmp_path)) == sorted([*before, "eval"])  # it wrote nowhere else
+    # Training flags are refused by name; a DRAW release is refused by the classifier loader and back.
+    bad = run_cli("experiments.classify_cluttered", f"--pretrained={tmp_path / 'tiny_classifier.json'}",
+                  "--num_steps=5", f"--workdir={evald}", ok=False)  # fmt: skip
+    assert bad.returncode == 2 and "--num_steps" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(pretrained.PretrainedError, match="is a classifier release"):
+        pretrained.load(str(tmp_path / "tiny_classifier.json"))
+    with pytest.raises(pretrained.PretrainedError, match="is a draw release"):
+        pretrained.load_classifier("binarized_mnist_attention")
+    # Corrupted parameters are refused, naming the file.
+    npz = tmp_path / "tiny_classifier.npz"
+    raw = bytearray(npz.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    npz.write_bytes(bytes(raw))
+    with pytest.raises(pretrained.PretrainedError, match="corrupted or truncated"):
+        pretrained.load_classifier(str(npz))

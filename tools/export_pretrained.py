@@ -4,17 +4,23 @@
 measures the bound on the whole valid split (and on the slice the tests
 re-measure), then writes ``draw_jax/pretrained/<name>.npz`` and ``<name>.json``
 (see ``draw_jax.pretrained``). Existing files are kept unless --overwrite.
+
+A cluttered-MNIST classifier's workdir (``experiments.classify_cluttered``) is
+released the same way, with ``--data_dir`` the MNIST IDX folder: its card
+holds the valid error and the test error for each of ``--test_seeds``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 from absl import app, flags
 
+from draw_jax import cluttered, pretrained
 from draw_jax import data as data_lib
-from draw_jax import pretrained
+from draw_jax.classifier_training import ClassifierRunConfig, evaluate_error, load_classifier
 from draw_jax.evaluation import SplitEvaluator
 from draw_jax.workdir import load_trained
 from experiments import cli
@@ -35,7 +41,55 @@ flags.DEFINE_integer(
     "the card records the total.",
 )
 
+flags.DEFINE_list("test_seeds", ["0", "1", "2"], "A classifier's card: the clutter seeds of its test errors.")
+
 FLAGS = flags.FLAGS
+
+
+def _is_classifier_run(workdir: str) -> bool:
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path) as f:
+            return "variant" in json.load(f)
+    except (OSError, ValueError):
+        return False  # load_trained names what is wrong with it
+
+
+def export_classifier(notes: dict[str, str]) -> None:
+    """Releases a classifier run: valid error (the run's data seed) and test error per --test_seeds."""
+    if FLAGS.step is not None or FLAGS.previous_steps:
+        raise cli.ConfigError(
+            "--step and --previous_steps are for DRAW runs; a classifier is released at its latest step"
+        )
+    try:
+        seeds = sorted({int(s) for s in FLAGS.test_seeds})
+    except ValueError as e:
+        raise cli.ConfigError(f"--test_seeds must be integers, got {FLAGS.test_seeds}") from e
+    with open(os.path.join(FLAGS.workdir, "config.json")) as f:
+        config = ClassifierRunConfig.from_dict(json.load(f))
+    config = dataclasses.replace(config, data_dir=FLAGS.data_dir, tfds_data_dir=None)
+    graphdef, params, step = load_classifier(config, FLAGS.workdir)
+
+    def error(split: str, seed: int) -> float:
+        images = cluttered.load(split, variant=config.variant, seed=seed, data_dir=FLAGS.data_dir)
+        return evaluate_error(graphdef, params, images)["error_percent"]
+
+    valid = error("valid", config.data_seed)
+    tests = {seed: error("test", seed) for seed in seeds}
+    card = pretrained.save_classifier(
+        config,
+        params,
+        step,
+        os.path.join(FLAGS.output_dir, FLAGS.name),
+        name=FLAGS.name,
+        valid_error=valid,
+        test_error=tests,
+        notes=notes,
+        overwrite=FLAGS.overwrite,
+    )
+    shown = ", ".join(f"seed {k}: {v:.2f}%" for k, v in card.test_error.items())
+    print(f"released {FLAGS.name}: step {card.step}, valid error {card.valid_error:.2f}%, "
+          f"test error {shown}, sha256 {card.sha256}")  # fmt: skip
 
 
 @cli.user_errors_as_messages
@@ -48,6 +102,9 @@ def main(argv: list[str]) -> None:
         if not sep:
             raise cli.ConfigError(f"--note must be key=value, got {line!r}")
         notes[key] = value
+    if _is_classifier_run(FLAGS.workdir):
+        export_classifier(notes)
+        return
     trained = load_trained(FLAGS.workdir, FLAGS.step)
     if FLAGS.previous_steps < 0:
         raise cli.ConfigError(f"--previous_steps must be >= 0, got {FLAGS.previous_steps}")
