@@ -15,7 +15,12 @@ from flax import nnx
 
 from draw_jax import attention, cluttered, data, feeding, pretrained, train_step
 from draw_jax.classifier import AttentionClassifier, ClassifierConfig
-from draw_jax.classifier_training import ClassifierRunConfig, _ClassifierFeeder, make_classifier_step
+from draw_jax.classifier_training import (
+    ClassifierRunConfig,
+    _ClassifierFeeder,
+    evaluate_error,
+    make_classifier_step,
+)
 from draw_jax.config import ConfigError, OptimConfig
 from tests.test_train import run_cli
 
@@ -283,3 +288,15 @@ def test_a_released_classifier_is_evaluated_without_training(mnist_dir, tmp_path
     npz.write_bytes(bytes(raw))
     with pytest.raises(pretrained.PretrainedError, match="corrupted or truncated"):
         pretrained.load_classifier(str(npz))
+
+
+@pytest.mark.parametrize("name", ["cluttered_mnist_8_glimpses", "cluttered_mnist_4_glimpses"])
+def test_shipped_classifier_scores_its_recorded_valid_error(name, mnist_dir):
+    if name not in pretrained.available():
+        pytest.skip(f"{name} is not released in this checkout")
+    graphdef, params, card = pretrained.load_classifier(name)
+    valid = cluttered.load(
+        "valid", variant=card.config.variant, seed=card.config.data_seed, data_dir=mnist_dir
+    )
+    got = evaluate_error(graphdef, params, valid)["error_percent"]
+    assert abs(got - card.valid_error) <= 0.05, (got, card.valid_error)  # 5 of 10,000 images
