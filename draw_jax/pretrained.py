@@ -33,7 +33,7 @@ import json
 import os
 import zipfile
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -71,8 +71,25 @@ class PretrainedError(ConfigError):
     """A released model that is unknown, missing, corrupted or does not match its card."""
 
 
+class _CardJSON:
+    """A card's JSON form: its fields, with ``config`` through its own ``to_dict`` / ``from_dict``."""
+
+    _config_type: ClassVar[type]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["config"] = self.config.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        d = dict(d)
+        d["config"] = cls._config_type.from_dict(d["config"])
+        return cls(**d)
+
+
 @dataclasses.dataclass(frozen=True)
-class Card:
+class Card(_CardJSON):
     """What a released model is and how well it does.
 
     Attributes:
@@ -96,20 +113,11 @@ class Card:
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["config"] = self.config.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Card:
-        d = dict(d)
-        d["config"] = TrainConfig.from_dict(d["config"])
-        return cls(**d)
+    _config_type: ClassVar[type] = TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifierCard:
+class ClassifierCard(_CardJSON):
     """What a released cluttered-MNIST classifier is and how well it does.
 
     Attributes:
@@ -132,16 +140,7 @@ class ClassifierCard:
     kind: str = "classifier"
     format_version: int = FORMAT_VERSION
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["config"] = self.config.to_dict()
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ClassifierCard:
-        d = dict(d)
-        d["config"] = ClassifierRunConfig.from_dict(d["config"])
-        return cls(**d)
+    _config_type: ClassVar[type] = ClassifierRunConfig
 
 
 def available() -> list[str]:
