@@ -149,10 +149,10 @@ _RELEASE_FLAGS = ("pretrained", "workdir", "data_dir", "tfds_data_dir", "data_se
 def evaluate_release(name: str) -> None:
     """--pretrained: the release's error on valid (or, with --test, test) cluttered with --data_seed."""
     extra = sorted(
-        f for f in FLAGS.get_key_flags_for_module(__name__) if f.present and f.name not in _RELEASE_FLAGS
+        f.name for f in FLAGS.get_key_flags_for_module(__name__) if f.present and f.name not in _RELEASE_FLAGS
     )
     if extra:
-        names = ", ".join(f"--{f.name}" for f in extra)
+        names = ", ".join(f"--{n}" for n in extra)
         raise cli.ConfigError(f"--pretrained={name} evaluates a released classifier as it was trained; "
                               f"{names} would train or change it (leave them out)")  # fmt: skip
     graphdef, params, card = pretrained.load_classifier(name)

@@ -275,8 +275,12 @@ def test_a_released_classifier_is_evaluated_without_training(mnist_dir, tmp_path
     assert sorted(os.listdir(tmp_path)) == sorted([*before, "eval"])  # it wrote nowhere else
     # Training flags are refused by name; a DRAW release is refused by the classifier loader and back.
     bad = run_cli("experiments.classify_cluttered", f"--pretrained={tmp_path / 'tiny_classifier.json'}",
-                  "--num_steps=5", f"--workdir={evald}", ok=False)  # fmt: skip
-    assert bad.returncode == 2 and "--num_steps" in bad.stderr and "Traceback" not in bad.stderr
+                  "--num_steps=5", "--glimpses=3", f"--workdir={evald}", ok=False)  # fmt: skip
+    assert (
+        bad.returncode == 2
+        and "--glimpses, --num_steps would" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
     with pytest.raises(pretrained.PretrainedError, match="is a classifier release"):
         pretrained.load(str(tmp_path / "tiny_classifier.json"))
     with pytest.raises(pretrained.PretrainedError, match="is a draw release"):
