@@ -62,3 +62,18 @@ def test_the_package_gives_its_public_modules_and_names():
     assert draw_jax.pretrained.available()  # a module reached by attribute, no import needed
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         draw_jax.nope
+
+
+def test_a_script_beside_a_clone_named_draw_jax_imports_the_package(tmp_path):
+    # A clone called draw_jax, with a script in its parent folder: Python puts the
+    # script's folder first on sys.path, so the clone's root (no __init__.py) is a
+    # namespace package named draw_jax unless a real draw_jax is found further on.
+    # setup.cfg's package_dir puts the clone's root on sys.path in an editable install.
+    os.symlink(ROOT, tmp_path / "draw_jax")
+    script = tmp_path / "script.py"
+    script.write_text("import draw_jax\nprint(draw_jax.__file__)\nprint(draw_jax.build_config.__name__)\n")
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [draw_jax.__file__, "build_config"]
