@@ -29,12 +29,14 @@ import io
 import os
 import pickle
 import struct
+import time
 import typing
 import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 __all__ = [
     "BINARIZE_CHOICES",
@@ -485,14 +487,22 @@ def load_split(
       DataError: naming the file or split at fault.
     """
     _, split = _info(dataset, split)
+    start = time.perf_counter()
     if dataset == "mnist_two_digits":
         from draw_jax import two_digits
 
         source = load_split("mnist", split, data_dir, tfds_data_dir, download=download)
-        return Dataset(two_digits.make(source.images, split).images, binary=False, name=dataset, split=split)
-    if data_dir:
-        return _load_local(dataset, split, data_dir)
-    return _load_tfds(dataset, split, tfds_data_dir, download)
+        loaded = Dataset(
+            two_digits.make(source.images, split).images, binary=False, name=dataset, split=split
+        )
+    elif data_dir:
+        loaded = _load_local(dataset, split, data_dir)
+    else:
+        loaded = _load_tfds(dataset, split, tfds_data_dir, download)
+    m, h, w, c = loaded.images.shape
+    logging.info("loaded %s/%s: %d images of %dx%dx%d from %s in %.1fs", dataset, split, m, h, w, c,
+                 data_dir or "TFDS", time.perf_counter() - start)  # fmt: skip
+    return loaded
 
 
 # -- batches ----------------------------------------------------------------

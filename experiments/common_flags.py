@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from absl import flags
+from absl import flags, logging
 
 from draw_jax import data as data_lib
 from draw_jax import pretrained
@@ -40,8 +40,11 @@ def load_model() -> tuple[Trained, str]:
     if FLAGS.pretrained is not None:
         if FLAGS.step is not None:
             raise cli.ConfigError("--step picks a checkpoint of --workdir; a --pretrained model has one")
-        return pretrained.load(FLAGS.pretrained), f"pretrained {FLAGS.pretrained}"
-    return load_trained(FLAGS.workdir, FLAGS.step), FLAGS.workdir
+        trained, name = pretrained.load(FLAGS.pretrained), f"pretrained {FLAGS.pretrained}"
+    else:
+        trained, name = load_trained(FLAGS.workdir, FLAGS.step), FLAGS.workdir
+    logging.info("loaded the model of %s (step %d)", name, trained.step)
+    return trained, name
 
 
 def data_config(config: TrainConfig) -> DataConfig:

@@ -19,7 +19,7 @@ import sys
 
 import jax
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from draw_jax import data as data_lib
 from draw_jax import pictures, train_step
@@ -79,34 +79,35 @@ def main(argv: list[str]) -> None:
     model = train_step.apply_model(trained.graphdef, trained.params)
     key = jax.random.key(FLAGS.seed)
     gen_key, data_key, rec_key = jax.random.split(key, 3)
-    written = []
+
+    def wrote(path: str) -> None:
+        print(f"wrote {path}", flush=True)
 
     # Samples from the prior.
-    gen = jax.jit(model.generate, static_argnums=1)(gen_key, max(FLAGS.num_samples, FLAGS.num_animated))
+    num = max(FLAGS.num_samples, FLAGS.num_animated)
+    logging.info("generating %d samples from the prior (%d steps; compiling first)", num, cfg.T)
+    gen = jax.jit(model.generate, static_argnums=1)(gen_key, num)
     means = np.asarray(jax.nn.sigmoid(gen.canvases))  # [T, m, h, w, c]
-    written.append(
+    wrote(
         pictures.save_png(os.path.join(out_dir, "samples.png"), pictures.grid(means[-1, : FLAGS.num_samples]))
     )
     few = means[:, : FLAGS.num_animated]
-    written.append(
-        pictures.save_png(os.path.join(out_dir, "samples_over_time.png"), pictures.canvas_strip(few))
-    )
+    wrote(pictures.save_png(os.path.join(out_dir, "samples_over_time.png"), pictures.canvas_strip(few)))
     frames = pictures.frames_with_boxes(few, _boxes(gen.write_window), cfg.write_n, color=WRITE_COLOUR)
-    written.append(pictures.save_gif(os.path.join(out_dir, "generation.gif"), frames))
+    wrote(pictures.save_gif(os.path.join(out_dir, "generation.gif"), frames))
 
     # Reconstructions of held-out images: they need the data (samples did not).
     try:
         split, data_cfg = common_flags.load_data(trained.config, download=False)
     except data_lib.DataError as e:
-        for path in written:
-            print(f"wrote {path}")
         print(f"skipped reconstructions_over_time.png and reconstruction.gif: {e}", file=sys.stderr)
         return
     images = split.images[: FLAGS.num_animated]
+    logging.info("reconstructing %d %s images (%d steps; compiling first)", len(images), split.split, cfg.T)
     x = data_lib.preprocess(images, split.binary, data_cfg.binarize, data_key)
     out = jax.jit(lambda x, k: model(x, k))(x, rec_key)
     rec = np.asarray(jax.nn.sigmoid(out.canvases))
-    written.append(
+    wrote(
         pictures.save_png(os.path.join(out_dir, "reconstructions_over_time.png"), pictures.canvas_strip(rec))
     )
     plain = pictures.frames_with_boxes(rec, None, 1)
@@ -116,9 +117,7 @@ def main(argv: list[str]) -> None:
         pictures.frames_with_boxes(rec, _boxes(out.write_window), cfg.write_n, color=WRITE_COLOUR),
         plain,
     )
-    written.append(pictures.save_gif(os.path.join(out_dir, "reconstruction.gif"), both))
-    for path in written:
-        print(f"wrote {path}")
+    wrote(pictures.save_gif(os.path.join(out_dir, "reconstruction.gif"), both))
 
 
 if __name__ == "__main__":

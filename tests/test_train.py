@@ -52,11 +52,16 @@ def final_params(workdir: str, config: TrainConfig):
 
 def test_train_command_writes_everything_then_evaluate_and_sample(small_data, tmp_path):
     workdir = str(tmp_path / "run")
-    run_cli(
+    trained = run_cli(
         "experiments.train", *TINY_FLAGS, f"--data_dir={small_data}", f"--workdir={workdir}",
         "--num_steps=36", "--batch_size=50", "--log_every=6", "--checkpoint_every=12",
         "--eval_every=18", "--keep_checkpoints=2",
     )  # fmt: skip
+    # Each phase says what it does: the data loaded, then the compile, then the steps.
+    log = trained.stderr
+    assert log.index("loaded binarized_mnist/train: 600 images of 28x28x1") < log.index(
+        "compiling the train step"
+    )
     assert sorted(int(os.path.basename(p)) for p in glob.glob(f"{workdir}/checkpoints/*")) == [24, 36]
     config = json.load(open(f"{workdir}/config.json"))
     assert config["model"]["T"] == 4 and config["data"]["dataset"] == "binarized_mnist"
@@ -80,13 +85,19 @@ def test_train_command_writes_everything_then_evaluate_and_sample(small_data, tm
     assert again.returncode == 0
 
     pics = str(tmp_path / "pics")
-    run_cli(
+    sampled = run_cli(
         "experiments.sample",
         f"--workdir={workdir}",
         f"--output_dir={pics}",
         "--num_samples=9",
         "--num_animated=4",
     )
+    for phase in (
+        "loaded the model of",
+        "generating 9 samples from the prior (4 steps",
+        "reconstructing 4 valid",
+    ):
+        assert phase in sampled.stderr, sampled.stderr
     from PIL import Image
 
     assert Image.open(f"{pics}/samples.png").size[0] > 28 * 3
