@@ -172,10 +172,22 @@ def make_classifier_step(
 
 
 def evaluate_error(
-    graphdef: nnx.GraphDef, params: Any, data: cluttered.ClutteredMNIST, count: int = 0, batch_size: int = 100
+    graphdef: nnx.GraphDef,
+    params: Any,
+    data: cluttered.ClutteredMNIST,
+    count: int = 0,
+    batch_size: int = 100,
+    parallel: Parallel | None = None,
 ) -> dict[str, float]:
-    """Classification error (%) and mean cross-entropy over the first ``count`` examples (0 = all)."""
+    """Classification error (%) and mean cross-entropy over the first ``count`` examples (0 = all).
+
+    With ``parallel``, each batch is split over all devices (as ``evaluation.SplitEvaluator``).
+    """
     count = count or len(data)
+    if parallel is not None:
+        batch_size = parallel.eval_batch_size(batch_size)
+    put = parallel.put_batch if parallel else (lambda batch: batch)
+    gather = parallel.gather if parallel else jax.device_get
 
     @jax.jit
     def per_batch(params, images, labels):
@@ -192,7 +204,7 @@ def evaluate_error(
         if pad:
             images = np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)])
             labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
-        w, x = jax.device_get(per_batch(params, images, labels))
+        w, x = gather(per_batch(params, put(images), put(labels)))
         wrong += float(w[: len(idx)].sum())
         xent += float(x[: len(idx)].sum())
     return {"error_percent": 100.0 * wrong / count, "xent": xent / count, "num_images": count}
@@ -257,8 +269,9 @@ class _ClassifierTask:
         self, state: train_step.TrainState, step: int, writer: MetricWriter | None
     ) -> dict[str, float]:
         res = evaluate_error(
-            self.graphdef, train_step.eval_params(state), self.valid, self.config.eval_examples
-        )
+            self.graphdef, train_step.eval_params(state), self.valid, self.config.eval_examples,
+            parallel=self.parallel,
+        )  # fmt: skip
         if writer is not None:
             writer.scalars(step, {"error_percent": res["error_percent"], "loss": res["xent"]})
         logging.info("step %d  valid error %.2f%%  xent %.4f (%d images)", step,

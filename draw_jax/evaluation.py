@@ -27,6 +27,7 @@ from flax import nnx
 from draw_jax import data as data_lib
 from draw_jax.losses import draw_bound, reconstruction_nll
 from draw_jax.metrics import format_duration
+from draw_jax.parallel import Parallel
 from draw_jax.train_step import Params, apply_model
 
 __all__ = ["SplitEvaluator", "SplitResult", "eval_batches", "log_importance_weights"]
@@ -82,6 +83,11 @@ class SplitEvaluator:
     Deterministic for a given seed: batch i uses ``fold_in(key(seed), i)``.
     A grey data set with dynamic binarisation gets one fixed binarisation per
     seed (the same for the bound and the IWAE estimate).
+
+    With ``parallel``, every batch is split over all devices of all processes
+    (each process evaluates its slice; the batch size rounds up to a multiple of
+    the devices) and every process gets the same figures. Every process must
+    then call it with the same images and parameters replicated over the mesh.
     """
 
     def __init__(
@@ -92,10 +98,13 @@ class SplitEvaluator:
         binarize: str,
         batch_size: int,
         num_importance_samples: int = 0,
+        parallel: Parallel | None = None,
     ) -> None:
         if num_importance_samples < 0:
             raise ValueError(f"--num_importance_samples must be >= 0, got {num_importance_samples}")
-        self.batch_size = batch_size
+        self.batch_size = parallel.eval_batch_size(batch_size) if parallel else batch_size
+        self._put = parallel.put_batch if parallel else (lambda batch: batch)
+        self._gather = parallel.gather if parallel else jax.device_get
         self.k = k = num_importance_samples
 
         @jax.jit
@@ -123,7 +132,7 @@ class SplitEvaluator:
         count, total = 0, len(images)
         t_start = t_logged = time.time()
         for i, (batch, mask) in enumerate(eval_batches(images, self.batch_size)):
-            per = jax.device_get(self._batch_eval(params, batch, jax.random.fold_in(base, i)))
+            per = self._gather(self._batch_eval(params, self._put(batch), jax.random.fold_in(base, i)))
             sums += np.array([np.sum(np.asarray(p, np.float64)[mask]) for p in per])
             count += int(mask.sum())
             now = time.time()

@@ -3,7 +3,9 @@
 The batch is split over a one-axis mesh (``data``); parameters and optimiser
 state are replicated, and XLA inserts the gradient all-reduce. On one device
 this is the identity. Multi-host: each process contributes its own slice of
-every global batch.
+every global batch, and evaluation covers a split once across processes: each
+evaluates its slice of every batch, and ``gather`` gives every process the
+whole batch's results.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -54,3 +57,15 @@ class Parallel:
         per = global_batch.shape[0] // jax.process_count()
         local = global_batch[jax.process_index() * per : (jax.process_index() + 1) * per]
         return jax.make_array_from_process_local_data(self.batch, local, global_batch.shape)
+
+    def eval_batch_size(self, preferred: int) -> int:
+        """``preferred`` rounded up to a multiple of the devices (evaluation pads and masks the last batch)."""
+        count = jax.device_count()
+        return -(-preferred // count) * count
+
+    def gather(self, tree):
+        """Per-example outputs of a data-parallel step ([b, ...] split over ``data``) as whole numpy
+        arrays, the same on every process."""
+        if jax.process_count() == 1:
+            return jax.device_get(tree)
+        return multihost_utils.process_allgather(tree, tiled=True)

@@ -88,7 +88,11 @@ class _DrawTask:
         self.optimizer = train_step.make_optimizer(cfg.optim)
         self.keep_average = cfg.optim.ema_decay > 0
         self.evaluator = SplitEvaluator(
-            self.graphdef, binary=held_out.binary, binarize=cfg.data.binarize, batch_size=100
+            self.graphdef,
+            binary=held_out.binary,
+            binarize=cfg.data.binarize,
+            batch_size=100,
+            parallel=parallel,
         )
         self.eval_images = held_out.images[: run.eval_examples or None]
         graphdef = self.graphdef

@@ -8,7 +8,8 @@ paper's smaller set (4 pieces). Re-running the same command resumes;
 ``--pictures_dir`` draws the glimpse windows on test images from a finished
 run. The model lives in ``draw_jax.classifier`` (a user of
 ``draw_jax.attention``), its training in ``draw_jax.classifier_training`` (a task of
-``draw_jax.loop``, DRAW's loop).
+``draw_jax.loop``, DRAW's loop). One process (no ``--coordinator_address``;
+``experiments.train`` is the entry point that runs as several).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
 prints a table and writes ``<workdir>/eval_<split>_step<N>_k<K>.json``. With
 ``--pretrained=NAME`` instead of ``--workdir`` it evaluates a released model
 (``--data_dir`` for local files) and writes JSON only where ``--output`` says.
+It runs as one process on one device; the workdir of a multi-process run is
+evaluated the same way, from any machine that reaches it.
 """
 
 from __future__ import annotations

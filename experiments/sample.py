@@ -9,7 +9,7 @@ instead of ``--workdir``) writes:
   reconstruction.gif           reconstruction step by step, read (red) and write (green) boxes
 Existing files are not overwritten unless --overwrite. The reconstructions need
 the held-out data (--data_dir offline); where it cannot be loaded they are
-skipped with the reason, and the samples are still written.
+skipped with the reason, and the samples are still written. One process.
 """
 
 from __future__ import annotations

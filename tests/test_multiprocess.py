@@ -8,6 +8,7 @@ checkpoint that resumes in another layout.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import socket
 import subprocess
@@ -69,10 +70,13 @@ def params_of(workdir: str):
 
 def test_two_processes_train_the_same_run_as_one_and_resume_in_another_layout(small_data, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    single = subprocess.run(
-        train_args(small_data, one, 6), cwd=ROOT, capture_output=True, text=True, timeout=400
-    )
-    assert single.returncode == 0, single.stderr[-3000:]
+    for steps in (4, 6):  # one process: 4 steps, then 2 more (resume is exact, test_train.py)
+        single = subprocess.run(
+            train_args(small_data, one, steps), cwd=ROOT, capture_output=True, text=True, timeout=400
+        )
+        assert single.returncode == 0, single.stderr[-3000:]
+        if steps == 4:
+            single_valid = json.load(open(f"{one}/results.json"))["valid"]
 
     # 4 steps as two processes, then 2 more as one: the 6-step run of one process.
     runs = run_processes(train_args(small_data, two, 4), 2)
@@ -80,6 +84,11 @@ def test_two_processes_train_the_same_run_as_one_and_resume_in_another_layout(sm
     assert "step 4/4" in runs[0].stderr and "step 4/4" not in runs[1].stderr  # each line once
     # One writer: one event file per TensorBoard folder, one config.json and results.json.
     assert len(glob.glob(f"{two}/tb/train/*")) == 1 and os.path.isfile(f"{two}/results.json")
+    # The evaluation, each process on its half of every batch, is the one process's.
+    valid = json.load(open(f"{two}/results.json"))["valid"]
+    assert valid["num_images"] == single_valid["num_images"] == 100
+    for name in ("bound", "bound_raw_params", "recon", "kl"):
+        np.testing.assert_allclose(valid[name], single_valid[name], rtol=1e-5)
     resumed = subprocess.run(
         train_args(small_data, two, 6), cwd=ROOT, capture_output=True, text=True, timeout=400
     )
