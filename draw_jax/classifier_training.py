@@ -33,7 +33,7 @@ from draw_jax.config import ConfigError, OptimConfig
 from draw_jax.loop import Schedule
 from draw_jax.loop import run as run_loop
 from draw_jax.metrics import MetricWriter, write_json
-from draw_jax.parallel import Parallel
+from draw_jax.parallel import Parallel, data_parallel_grad
 
 __all__ = [
     "ClassifierRunConfig",
@@ -154,17 +154,17 @@ def make_classifier_step(
         if batch_sharding is not None:
             images = jax.lax.with_sharding_constraint(images, batch_sharding)
 
-        def loss_fn(params):
-            logits = nnx.merge(graphdef, params)(images).logits
-            return loss_and_accuracy(logits, labels)
+        def loss_fn(params, images, labels):
+            loss, acc = loss_and_accuracy(nnx.merge(graphdef, params)(images).logits, labels)
+            return loss, {"loss": loss, "accuracy": acc}
 
-        (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads, means = data_parallel_grad(loss_fn, batch_sharding)(state.params, images, labels)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = jax.tree.map(jnp.add, state.params, updates)
         ema = state.ema
         if ema is not None:
             ema = train_step.update_ema(ema, params, state.step + 1, ema_decay)
-        metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
+        metrics = {**means, "grad_norm": optax.tree.norm(grads)}
         new = train_step.TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema)
         return new, metrics
 

@@ -1,7 +1,10 @@
 """Data parallelism over every device of every process (``jax.sharding``).
 
 The batch is split over a one-axis mesh (``data``); parameters and optimiser
-state are replicated, and XLA inserts the gradient all-reduce. On one device
+state are replicated. The gradient is taken per device on its slice of the
+batch and averaged once per step (``data_parallel_grad``, a ``shard_map``):
+left to XLA's partitioner, the weight gradients of the T-step scan were
+all-reduced inside the backward loop, T times a step. On one device
 this is the identity. Multi-host: each process contributes its own slice of
 every global batch, and evaluation covers a split once across processes: each
 evaluates its slice of every batch, and ``gather`` gives every process the
@@ -15,12 +18,23 @@ import dataclasses
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+# The model's scans start from constant carries that the per-device check would
+# have to be told vary over ``data``; the reduction is explicit (``pmean``).
+try:
+    from jax import shard_map
+
+    _UNCHECKED = {"check_vma": False}
+except ImportError:  # older jax
+    from jax.experimental.shard_map import shard_map
+
+    _UNCHECKED = {"check_rep": False}
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from draw_jax.config import ConfigError
 
-__all__ = ["Parallel"]
+__all__ = ["Parallel", "data_parallel_grad"]
 
 
 @dataclasses.dataclass
@@ -69,3 +83,28 @@ class Parallel:
         if jax.process_count() == 1:
             return jax.device_get(tree)
         return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def data_parallel_grad(loss_fn, batch_sharding: jax.sharding.Sharding | None):
+    """``jax.grad(loss_fn, has_aux=True)`` over a batch split along ``data``, reduced once.
+
+    ``loss_fn(params, *batch) -> (loss, aux)``, where every ``batch`` array is
+    split along its axis 0 and ``loss`` and every leaf of ``aux`` are means over
+    the examples. The returned ``grad_fn(params, *batch) -> (grads, aux)`` gives
+    the whole batch's mean gradient and aux: each device differentiates its
+    slice, then one ``pmean`` (the slices are equal in size). With no sharding,
+    or one device, it is ``jax.grad`` itself.
+    """
+    grad = jax.grad(loss_fn, has_aux=True)
+    if not isinstance(batch_sharding, NamedSharding) or batch_sharding.mesh.size == 1:
+        return grad
+    mesh = batch_sharding.mesh
+
+    def local(params, *batch):
+        return jax.lax.pmean(grad(params, *batch), "data")
+
+    def grad_fn(params, *batch):
+        specs = (P(), *(P("data") for _ in batch))
+        return shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(), **_UNCHECKED)(params, *batch)
+
+    return grad_fn

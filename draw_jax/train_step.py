@@ -23,8 +23,9 @@ from flax import nnx
 
 from draw_jax import data as data_lib
 from draw_jax.config import DrawConfig, OptimConfig
-from draw_jax.losses import Bound, draw_bound
+from draw_jax.losses import draw_bound
 from draw_jax.model import DRAW
+from draw_jax.parallel import data_parallel_grad
 
 __all__ = [
     "Params",
@@ -183,14 +184,22 @@ def make_train_step(
     return jax.jit(train_step, donate_argnums=0) if jit else train_step
 
 
-def _gradients(graphdef, params, x, key, kl_weight):
-    """(gradients of the loss, Bound) at ``params``."""
+def _gradients(graphdef, params, x, key, kl_weight, batch_sharding=None):
+    """(gradients of the loss, batch means of the Bound's parts) at ``params``.
 
-    def loss_fn(params: Params) -> tuple[jax.Array, Bound]:
-        bound = draw_bound(apply_model(graphdef, params)(x, key), x, kl_weight)
-        return bound.loss, bound
+    Data parallel (``batch_sharding``): the latent noise is drawn for the whole
+    batch, as on one device, and each device differentiates its slice.
+    """
+    eps = jnp.swapaxes(apply_model(graphdef, params).noise(key, x.shape[0]), 0, 1)  # [b, T, z]
 
-    return jax.grad(loss_fn, has_aux=True)(params)
+    def loss_fn(params: Params, x: jax.Array, eps: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        out = apply_model(graphdef, params)(x, eps=jnp.swapaxes(eps, 0, 1))
+        bound = draw_bound(out, x, kl_weight)
+        means = {"bound": jnp.mean(bound.per_example), "recon": bound.recon, "kl": bound.kl,
+                 "kl_per_step": bound.kl_per_step}  # fmt: skip
+        return bound.loss, means
+
+    return data_parallel_grad(loss_fn, batch_sharding)(params, x, eps)
 
 
 def _train_step_fn(
@@ -214,19 +223,12 @@ def _train_step_fn(
         x = data_lib.preprocess(images, binary, binarize, data_key)
         kl_weight = _kl_weight(state.step, kl_warmup_steps)
 
-        grads, bound = _gradients(graphdef, state.params, x, model_key, kl_weight)
+        grads, means = _gradients(graphdef, state.params, x, model_key, kl_weight, batch_sharding)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         step = state.step + 1
         ema = None if state.ema is None else update_ema(state.ema, params, step, ema_decay)
-        metrics = {
-            "bound": jnp.mean(bound.per_example),
-            "recon": bound.recon,
-            "kl": bound.kl,
-            "kl_per_step": bound.kl_per_step,
-            "grad_norm": optax.tree.norm(grads),
-            "kl_weight": kl_weight,
-        }
+        metrics = {**means, "grad_norm": optax.tree.norm(grads), "kl_weight": kl_weight}
         return TrainState(step=step, params=params, opt_state=opt_state, ema=ema), metrics
 
     return train_step
