@@ -32,6 +32,7 @@ __all__ = [
     "describe",
     "exit_promptly",
     "prompt_exit_active",
+    "recorded",
     "signal_of",
     "sigterm_as_interrupt",
 ]
@@ -181,6 +182,32 @@ def exit_promptly(message: Callable[[signal.Signals], str] | str) -> None:
     if _prompt is None:
         _prompt = _PromptExit()
     _prompt.message = message if callable(message) else (lambda sig, text=message: text)
+
+
+@contextlib.contextmanager
+def recorded() -> Iterator[list[signal.Signals]]:
+    """Inside the block SIGINT and SIGTERM are only recorded, in the list it yields, and
+    not raised at all: the caller decides when to stop (a run of several processes stops
+    when all have agreed to, at the same step). ``exit_promptly`` is suspended meanwhile."""
+    received: list[signal.Signals] = []
+    if not _in_main_thread():
+        yield received
+        return
+    if _prompt is not None:
+        _prompt.suspend()
+    previous = {}
+    for s in _SIGNALS:
+        if (
+            signal.getsignal(s) is not signal.SIG_IGN
+        ):  # an ignored signal (a background job's SIGINT) stays so
+            previous[s] = signal.signal(s, lambda signum, frame: received.append(signal.Signals(signum)))
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if _prompt is not None:
+            _prompt.resume()
 
 
 def prompt_exit_active() -> bool:

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from draw_jax import feeding, interrupts
 from draw_jax.checkpoint import Checkpointer, CheckpointError
@@ -158,7 +159,9 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
     """
     is_chief = jax.process_index() == 0
     sched = task.schedule
-    state = task.init_state()
+    # Restored straight into the mesh's sharding: in a run of several processes a
+    # checkpoint restored onto each process's own device could not be moved there.
+    state = jax.device_put(task.init_state(), task.replicated)
     with contextlib.ExitStack() as stack:
         stack.enter_context(interrupts.sigterm_as_interrupt())  # SIGTERM ends the run as Ctrl-C does
         checkpoints = stack.enter_context(Checkpointer(workdir, keep=sched.keep_checkpoints))
@@ -220,6 +223,19 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
         # that an interrupt there ends the loop below, cleanly.
         if interrupts.prompt_exit_active():
             interrupts.exit_promptly(prompt_message)
+        # A run of several processes must stop at one step, and save at the same steps: a signal
+        # (which reaches the processes at slightly different moments) is only recorded, and
+        # after every call the processes agree, by one all-gather, whether any was signalled
+        # and whether --checkpoint_minutes is due by any one's clock.
+        several = jax.process_count() > 1
+        hold = interrupts.recorded if several else interrupts.as_exceptions
+        pending: list[signal.Signals] = []
+
+        def agree(received: list[signal.Signals], due: bool) -> tuple[int, bool]:
+            mine = np.array([max(map(int, received), default=0), int(due)], np.int32)
+            every = np.asarray(multihost_utils.process_allgather(mine))
+            return int(every[..., 0].max()), bool(every[..., 1].max())
+
         try:
             while step < sched.num_steps:
                 t0 = time.time()
@@ -227,7 +243,7 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
                     logging.info(
                         "compiling the train step (%d step(s) per call) and running it", feeder.steps_per_call
                     )
-                with interrupts.as_exceptions() if compiled else contextlib.nullcontext():
+                with hold() if compiled else contextlib.nullcontext() as got:
                     state, metrics, k = feeder(state, step, sched.num_steps)
                     acc.add(metrics)  # returns once the call before this one has finished
                     if compiled:
@@ -239,7 +255,8 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
                         logging.info("first step (compile + run) took %.1fs", time.time() - t0)
                         compiled = True
                         progress.restart(step)
-                with interrupts.as_exceptions():
+                pending += got or []
+                with hold() as got:
                     last = step >= sched.num_steps
                     if _crossed(prev, step, sched.log_every) or last:
                         acc.drain(step, divergence_hint())
@@ -258,6 +275,10 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
                         )  # fmt: skip
                     minutes = sched.checkpoint_minutes
                     due = minutes > 0 and time.time() - t_saved >= 60 * minutes
+                    if several and compiled:
+                        stop, due = agree(pending + (got or []), due)
+                        if stop:
+                            raise interrupts.Terminated() if stop == signal.SIGTERM else KeyboardInterrupt()
                     if _crossed(prev, step, sched.checkpoint_every) or last or due:
                         acc.drain(step, divergence_hint())  # never save parameters a NaN has touched
                         completed = step
@@ -268,11 +289,13 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
                         completed = step
                         for writer in writers.values():
                             writer.flush()  # an evaluation may end the process at once
+                pending += got or []
                 if _crossed(prev, step, sched.eval_every) or last:
                     evaluate(step)
                     progress.restart(step)  # evaluation time is not training time
-        except jax.errors.JaxRuntimeError as e:
-            if jax.process_count() == 1:
+        except (jax.errors.JaxRuntimeError, ValueError) as e:
+            # (gloo reports a lost peer in an all-gather as a ValueError)
+            if jax.process_count() == 1 or (isinstance(e, ValueError) and "Gloo" not in str(e)):
                 raise
             # In a run of several processes a collective fails when another process is gone.
             first = (str(e).strip().splitlines() or [""])[0]
