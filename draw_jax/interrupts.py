@@ -196,10 +196,8 @@ def recorded() -> Iterator[list[signal.Signals]]:
     if _prompt is not None:
         _prompt.suspend()
     previous = {}
-    for s in _SIGNALS:
-        if (
-            signal.getsignal(s) is not signal.SIG_IGN
-        ):  # an ignored signal (a background job's SIGINT) stays so
+    for s in _SIGNALS:  # an ignored signal (a background job's SIGINT) stays ignored
+        if signal.getsignal(s) is not signal.SIG_IGN:
             previous[s] = signal.signal(s, lambda signum, frame: received.append(signal.Signals(signum)))
     try:
         yield received

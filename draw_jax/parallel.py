@@ -14,25 +14,23 @@ whole batch's results.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from draw_jax.config import ConfigError
 
 # The model's scans start from constant carries that the per-device check would
 # have to be told vary over ``data``; the reduction is explicit (``pmean``).
 try:
     from jax import shard_map
-
-    _UNCHECKED = {"check_vma": False}
 except ImportError:  # older jax
     from jax.experimental.shard_map import shard_map
-
-    _UNCHECKED = {"check_rep": False}
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
-
-from draw_jax.config import ConfigError
+_UNCHECKED = {("check_vma" if "check_vma" in inspect.signature(shard_map).parameters else "check_rep"): False}
 
 __all__ = ["Parallel", "data_parallel_grad"]
 
