@@ -1,0 +1,58 @@
+"""The two-digit check (tools/two_digit_check.py): its labels, its one-digit images, and that it learns."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from draw_jax import data, two_digits
+from tools import two_digit_check as check
+
+
+@pytest.fixture
+def mnist_dir(shared_data):
+    return os.path.join(shared_data, "mnist")
+
+
+def test_counts_count_each_class_also_twice():
+    got = check.counts(np.array([3, 7, 0]), np.array([3, 1, 9]))
+    assert got.tolist()[0] == [0, 0, 0, 2, 0, 0, 0, 0, 0, 0]
+    assert got[1, 7] == got[1, 1] == 1 and got[2, 0] == got[2, 9] == 1
+    assert (got.sum(-1) == 2).all()
+
+
+def test_one_digit_images_hold_the_whole_digit_where_two_digits_would_place_it():
+    digits = np.random.default_rng(0).integers(0, 256, (50, 28, 28, 1)).astype(np.uint8)
+    images, positions = check.one_digit(digits, seed=3)
+    assert images.shape == (50, two_digits.CANVAS, two_digits.CANVAS, 1)
+    assert positions.min() >= 0 and positions.max() <= two_digits.CANVAS - 28
+    for image, digit, (y, x) in zip(images, digits, positions, strict=True):
+        np.testing.assert_array_equal(image[y : y + 28, x : x + 28], digit)
+        assert image.astype(int).sum() == digit.astype(int).sum()  # nothing else on the canvas
+
+
+def test_the_counter_learns_the_counts_of_real_two_digit_images(mnist_dir):
+    source = data.load_split("mnist", "valid", mnist_dir)
+    two = two_digits.make(source.images[:64], "valid")
+    x = two.images.astype(np.float32) / 255
+    target = check.counts(source.labels[:64], source.labels[:64][two.partners])
+    model = check.Counter(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer):
+        loss, grads = nnx.value_and_grad(check.loss_fn)(model, x, target)
+        optimizer.update(model, grads)
+        return loss
+
+    first = float(step(model, optimizer))
+    for _ in range(150):
+        loss = float(step(model, optimizer))
+    assert loss < 0.1 * first, (first, loss)
+    found, _ = check.predict(model, x)
+    assert (found == target).all(-1).mean() >= 0.9
+    assert check.share_of_two(model, x, 0.5) >= 0.9

@@ -1,0 +1,198 @@
+"""An objective check of two-digit MNIST pictures: does an image hold two legible digits?
+
+A small convolutional counter, trained on real images built as
+``draw_jax.two_digits`` builds them, predicts for each digit class 0-9 how
+many times it appears (0, 1 or 2). It learns from two-digit images and from
+one-digit ones (one MNIST digit pasted the same way), so that "two" is a
+decision, not the only answer it knows. An image **holds two confident
+digits** when the predicted counts sum to two and the probability of that
+prediction (the product over the ten classes) is at least ``--confidence``.
+
+``python -m tools.two_digit_check --data_dir=../shared/data/mnist --workdir=runs/two_digit_check``
+trains the counter (once; later calls reuse it) and prints the share of real
+test images with two confident digits, for two-digit and for one-digit
+images. ``--model=NAME_OR_WORKDIR`` (a released DRAW or a training run of
+``mnist_two_digits``) adds the share for ``--num_samples`` samples from it
+(the canvas means sigmoid(c_T), grey like the real images). Each call writes
+``<workdir>/report[_<model>].json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from flax import nnx
+
+from draw_jax import data as data_lib
+from draw_jax import pretrained, two_digits
+
+flags.DEFINE_string("data_dir", None, "Folder with the MNIST IDX files.", required=True)
+flags.DEFINE_string("workdir", None, "Where the counter and the reports live.", required=True)
+flags.DEFINE_integer("num_steps", 3000, "Training steps of the counter (batch 128).")
+flags.DEFINE_float("confidence", 0.9, "Probability a prediction of two digits needs to count.")
+flags.DEFINE_string("model", None, "A released DRAW model or a workdir of mnist_two_digits to sample.")
+flags.DEFINE_integer("num_samples", 1000, "Samples drawn from --model.")
+flags.DEFINE_integer("seed", 0, "Seed of the counter's training and of the samples.")
+
+FLAGS = flags.FLAGS
+
+MAX_COUNT = 2  # counts 0, 1, 2 of each class
+_CHANNELS = ((1, 32), (32, 64), (64, 128), (128, 128))
+
+
+def one_digit(digits: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each MNIST image [m, 28, 28, 1] pasted alone on a 60 x 60 canvas, at a position uniform
+    over 0..32 per axis as ``two_digits.make`` places its digits: (uint8 [m, 60, 60, 1], rows [m, 2])."""
+    m, d = digits.shape[0], digits.shape[1]
+    positions = np.random.default_rng([seed, 7]).integers(0, two_digits.CANVAS - d + 1, size=(m, 2))
+    images = np.zeros((m, two_digits.CANVAS, two_digits.CANVAS, 1), np.uint8)
+    for i, (y, x) in enumerate(positions):
+        images[i, y : y + d, x : x + d] = digits[i]
+    return images, positions
+
+
+def counts(*labels: np.ndarray) -> np.ndarray:
+    """int32 [m, 10]: how many times each class appears among the given label arrays [m]."""
+    out = np.zeros((labels[0].shape[0], 10), np.int32)
+    for lab in labels:
+        np.add.at(out, (np.arange(len(lab)), lab), 1)
+    return out
+
+
+def labelled_split(split: str, data_dir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{"two": (images, counts), "one": (images, counts)} of one split, built from the MNIST files."""
+    source = data_lib.load_split("mnist", split, data_dir)
+    two = two_digits.make(source.images, split)
+    one, _ = one_digit(source.images, {"train": 0, "valid": 1, "test": 2}[split])
+    return {
+        "two": (two.images, counts(source.labels, source.labels[two.partners])),
+        "one": (one, counts(source.labels)),
+    }
+
+
+class Counter(nnx.Module):
+    """[b, 60, 60, 1] in [0, 1] -> logits [b, 10, 3] of each class's count."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        # 60 -> 30 -> 15 -> 8 -> 4: each cell of the last map sees about a digit's width.
+        self.convs = nnx.List(
+            [nnx.Conv(c_in, c_out, (3, 3), strides=2, rngs=rngs) for c_in, c_out in _CHANNELS]
+        )
+        self.hidden = nnx.Linear(4 * 4 * 128, 256, rngs=rngs)
+        self.out = nnx.Linear(256, 10 * (MAX_COUNT + 1), rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for conv in self.convs:
+            x = jax.nn.relu(conv(x))
+        x = jax.nn.relu(self.hidden(x.reshape(x.shape[0], -1)))
+        return self.out(x).reshape(x.shape[0], 10, MAX_COUNT + 1)
+
+
+def loss_fn(model: Counter, x: jax.Array, target: jax.Array) -> jax.Array:
+    """Cross-entropy of each class's count, summed over the classes, mean over the batch."""
+    return optax.softmax_cross_entropy_with_integer_labels(model(x), target).sum(-1).mean()
+
+
+def train_counter(train: dict[str, tuple[np.ndarray, np.ndarray]], num_steps: int, seed: int) -> Counter:
+    """Adam 1e-3, batches of 128: two thirds two-digit images, one third one-digit."""
+    model = Counter(nnx.Rngs(seed))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    @nnx.jit
+    def step(model, optimizer, x, target):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, x, target)
+        optimizer.update(model, grads)
+        return loss
+
+    rng = np.random.default_rng([seed, 1])
+    (two_x, two_c), (one_x, one_c) = train["two"], train["one"]
+    for i in range(num_steps):
+        a, b = rng.integers(0, len(two_x), 85), rng.integers(0, len(one_x), 43)
+        x = np.concatenate([two_x[a], one_x[b]]).astype(np.float32) / 255
+        loss = step(model, optimizer, x, np.concatenate([two_c[a], one_c[b]]))
+        if (i + 1) % 500 == 0:
+            logging.info("counter step %d/%d  loss %.4f", i + 1, num_steps, float(loss))
+    return model
+
+
+def predict(model: Counter, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """(counts int [m, 10], probability of those counts [m]) for float images [m, 60, 60, 1] in [0, 1]."""
+    apply = nnx.jit(lambda model, x: jax.nn.softmax(model(x), -1))
+    probs = np.concatenate(
+        [np.asarray(apply(model, images[i : i + batch])) for i in range(0, len(images), batch)]
+    )
+    return probs.argmax(-1), probs.max(-1).prod(-1)
+
+
+def share_of_two(model: Counter, images: np.ndarray, confidence: float) -> float:
+    """Share of ``images`` (float, [0, 1]) that hold two confident digits."""
+    found, p = predict(model, images)
+    return float(np.mean((found.sum(-1) == 2) & (p >= confidence)))
+
+
+def _counter_path(workdir: str) -> str:
+    return os.path.join(os.path.abspath(workdir), "counter")
+
+
+def load_or_train(workdir: str, train_split, num_steps: int, seed: int) -> Counter:
+    path = _counter_path(workdir)
+    model = Counter(nnx.Rngs(seed))
+    with ocp.StandardCheckpointer() as checkpointer:
+        if os.path.isdir(path):
+            graphdef, state = nnx.split(model)
+            return nnx.merge(graphdef, checkpointer.restore(path, target=state))
+        model = train_counter(train_split(), num_steps, seed)
+        checkpointer.save(path, nnx.state(model))
+    return model
+
+
+def samples(name_or_workdir: str, num: int, seed: int) -> np.ndarray:
+    """float [num, 60, 60, 1]: sigmoid(c_T) of ``num`` samples from the prior of a DRAW model."""
+    trained = pretrained.load(name_or_workdir)
+    shape = trained.config.model.image_shape
+    if tuple(shape) != (two_digits.CANVAS, two_digits.CANVAS, 1):
+        raise app.UsageError(
+            f"--model={name_or_workdir} makes {shape} images, not two-digit MNIST's 60 x 60 x 1"
+        )
+    from draw_jax import train_step
+
+    model = train_step.apply_model(trained.graphdef, trained.params)
+    generate = jax.jit(lambda key: jax.nn.sigmoid(model.generate(key, 100).canvases[-1]))
+    keys = jax.random.split(jax.random.key(seed), -(-num // 100))
+    return np.concatenate([np.asarray(generate(k)) for k in keys])[:num]
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+    counter = load_or_train(
+        FLAGS.workdir, lambda: labelled_split("train", FLAGS.data_dir), FLAGS.num_steps, FLAGS.seed
+    )
+    test = labelled_split("test", FLAGS.data_dir)
+    report = {"confidence": FLAGS.confidence, "counter_steps": FLAGS.num_steps}
+    for kind, (images, truth) in test.items():
+        x = images.astype(np.float32) / 255
+        found, _ = predict(counter, x)
+        report[f"real_{kind}_digit_share"] = share_of_two(counter, x, FLAGS.confidence)
+        report[f"real_{kind}_digit_counts_exact"] = float(np.mean((found == truth).all(-1)))
+    if FLAGS.model:
+        report["model"] = FLAGS.model
+        report["num_samples"] = FLAGS.num_samples
+        report["samples_share"] = share_of_two(counter, samples(FLAGS.model, FLAGS.num_samples, FLAGS.seed),
+                                               FLAGS.confidence)  # fmt: skip
+    for key, value in report.items():
+        print(f"{key:<34}{value:.4f}" if isinstance(value, float) else f"{key:<34}{value}")
+    stem = "report" + (f"_{os.path.basename(os.path.normpath(FLAGS.model))}" if FLAGS.model else "")
+    with open(os.path.join(FLAGS.workdir, f"{stem}.json"), "w") as f:
+        json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
