@@ -159,24 +159,38 @@ def test_a_lost_process_ends_the_others_at_once_keeping_the_checkpoints(small_da
         assert ckpt.all_steps() and all(verify(ckpt.step_directory(s)) for s in ckpt.all_steps())
 
 
+SIGNAL_RUN = ["--checkpoint_every=10"]  # after train_args: the later flag wins
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_two_processes(small_data, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("whole"))
+    runs = run_processes([*train_args(small_data, workdir, 60), *SIGNAL_RUN], 2)
+    assert [r.returncode for r in runs] == [0, 0], [r.stderr[-3000:] for r in runs]
+    return params_of(workdir)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_to_every_process_stops_the_run_as_one_and_it_resumes_in_the_same_layout(
-    small_data, tmp_path, sig
+    small_data, tmp_path, uninterrupted_two_processes, sig
 ):
     # Ctrl-C in the terminal, or a scheduler's SIGTERM, reaches every process of the run: each
     # ends with the one-line message and 128 + the signal's number, as one process does, and
     # the same command resumes, in the same layout, the run an uninterrupted one would be.
-    steps = 200
-    whole, cut = str(tmp_path / "whole"), str(tmp_path / "cut")
-    assert [r.returncode for r in run_processes(train_args(small_data, whole, steps), 2)] == [0, 0]
+    cut = str(tmp_path / "cut")
     address = f"127.0.0.1:{free_port()}"
-    args = [*train_args(small_data, cut, steps), f"--coordinator_address={address}", "--num_processes=2"]
+    args = [
+        *train_args(small_data, cut, 60),
+        *SIGNAL_RUN,
+        f"--coordinator_address={address}",
+        "--num_processes=2",
+    ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [subprocess.Popen([*args, f"--process_id={i}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
              for i in range(2)]  # fmt: skip
     try:
         for line in procs[0].stderr:
-            if "step 20/" in line:
+            if "step 20/" in line:  # after the checkpoint at step 20
                 break
         for p in procs:
             p.send_signal(sig)
@@ -189,9 +203,9 @@ def test_a_signal_to_every_process_stops_the_run_as_one_and_it_resumes_in_the_sa
     assert [p.returncode for p in procs] == [128 + sig, 128 + sig], [e[-2000:] for e in errs]
     for err in errs:
         assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
-    assert "the same command resumes" in " ".join(errs[0].split()) or "resume" in errs[0], errs[0][-2000:]
-    resumed = run_processes(train_args(small_data, cut, steps), 2)
+        assert "run the same command to resume" in " ".join(err.split()), err[-2000:]
+    resumed = run_processes([*train_args(small_data, cut, 60), *SIGNAL_RUN], 2)
     assert [r.returncode for r in resumed] == [0, 0], [r.stderr[-3000:] for r in resumed]
     assert "resumed from" in resumed[0].stderr
-    for a, b in zip(params_of(whole), params_of(cut), strict=True):
+    for a, b in zip(uninterrupted_two_processes, params_of(cut), strict=True):
         np.testing.assert_array_equal(a, b)

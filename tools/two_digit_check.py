@@ -32,15 +32,20 @@ from flax import nnx
 from draw_jax import data as data_lib
 from draw_jax import pretrained, two_digits
 
-flags.DEFINE_string("data_dir", None, "Folder with the MNIST IDX files.", required=True)
-flags.DEFINE_string("workdir", None, "Where the counter and the reports live.", required=True)
-flags.DEFINE_integer("num_steps", 3000, "Training steps of the counter (batch 128).")
-flags.DEFINE_float("confidence", 0.9, "Probability a prediction of two digits needs to count.")
-flags.DEFINE_string("model", None, "A released DRAW model or a workdir of mnist_two_digits to sample.")
-flags.DEFINE_integer("num_samples", 1000, "Samples drawn from --model.")
-flags.DEFINE_integer("seed", 0, "Seed of the counter's training and of the samples.")
-
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags, defined only when it runs (the tests import this module beside
+    ``experiments``, whose flags share some names)."""
+    flags.DEFINE_string("data_dir", None, "Folder with the MNIST IDX files.", required=True)
+    flags.DEFINE_string("workdir", None, "Where the counter and the reports live.", required=True)
+    flags.DEFINE_integer("num_steps", 3000, "Training steps of the counter (batch 128).")
+    flags.DEFINE_float("confidence", 0.9, "Probability a prediction of two digits needs to count.")
+    flags.DEFINE_string("model", None, "A released DRAW model or a workdir of mnist_two_digits to sample.")
+    flags.DEFINE_integer("num_samples", 1000, "Samples drawn from --model.")
+    flags.DEFINE_integer("seed", 0, "Seed of the counter's training and of the samples.")
+
 
 MAX_COUNT = 2  # counts 0, 1, 2 of each class
 _CHANNELS = ((1, 32), (32, 64), (64, 128), (128, 128))
@@ -195,4 +200,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
