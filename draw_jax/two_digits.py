@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-__all__ = ["CANVAS", "SEED", "TwoDigits", "make"]
+__all__ = ["CANVAS", "SEED", "TwoDigits", "make", "paste"]
 
 CANVAS = 60
 SEED = 0
@@ -49,10 +49,17 @@ def make(digits: np.ndarray, split: str, seed: int = SEED) -> TwoDigits:
     partners = rng.integers(0, m - 1, size=m)
     partners = partners + (partners >= np.arange(m))  # another image of the split
     positions = rng.integers(0, CANVAS - _DIGIT + 1, size=(m, 2, 2))
+    return TwoDigits(paste([digits, digits[partners]], positions), partners, positions)
+
+
+def paste(layers: list[np.ndarray], positions: np.ndarray) -> np.ndarray:
+    """Canvases uint8 [m, 60, 60, 1]: digit ``layers[k][i]`` ([m, 28, 28, 1] each) pasted with
+    its top-left corner at ``positions[i, k]`` ([m, k, 2], (row, col)), overlaps by maximum."""
+    m = positions.shape[0]
     images = np.zeros((m, CANVAS, CANVAS, 1), np.uint8)
-    for k, source in enumerate((np.arange(m), partners)):
+    for k, layer in enumerate(layers):
         for i in range(m):
             y, x = positions[i, k]
             region = images[i, y : y + _DIGIT, x : x + _DIGIT]
-            np.maximum(region, digits[source[i]], out=region)
-    return TwoDigits(images, partners, positions)
+            np.maximum(region, layer[i], out=region)
+    return images
