@@ -1,7 +1,8 @@
 """An objective check of two-digit MNIST pictures: does an image hold two legible digits?
 
-A small convolutional counter, trained on real images built as
-``draw_jax.two_digits`` builds them, predicts for each digit class 0-9 how
+A small convolutional counter, trained on real MNIST training digits pasted
+as ``draw_jax.two_digits`` pastes them (fresh pairs and positions every
+step, so it cannot learn the fixed split by heart), predicts for each digit class 0-9 how
 many times it appears (0, 1 or 2). It learns from two-digit images and from
 one-digit ones (one MNIST digit pasted the same way), so that "two" is a
 decision, not the only answer it knows. An image **holds two confident
@@ -9,7 +10,7 @@ digits** when the predicted counts sum to two and the probability of that
 prediction (the product over the ten classes) is at least ``--confidence``.
 
 ``python -m tools.two_digit_check --data_dir=../shared/data/mnist --workdir=runs/two_digit_check``
-trains the counter (once; later calls reuse it) and prints the share of real
+trains the counter (once, about 50 minutes on one core; later calls reuse it) and prints the share of real
 test images with two confident digits, for two-digit and for one-digit
 images. ``--model=NAME_OR_WORKDIR`` (a released DRAW or a training run of
 ``mnist_two_digits``) adds the share for ``--num_samples`` samples from it
@@ -40,8 +41,12 @@ def define_flags() -> None:
     ``experiments``, whose flags share some names)."""
     flags.DEFINE_string("data_dir", None, "Folder with the MNIST IDX files.", required=True)
     flags.DEFINE_string("workdir", None, "Where the counter and the reports live.", required=True)
-    flags.DEFINE_integer("num_steps", 3000, "Training steps of the counter (batch 128).")
-    flags.DEFINE_float("confidence", 0.9, "Probability a prediction of two digits needs to count.")
+    flags.DEFINE_integer("num_steps", 20000, "Training steps of the counter (batch 128, fresh images each).")
+    flags.DEFINE_float(
+        "confidence",
+        0.5,
+        "Probability a prediction of two digits needs to count (0.5: more likely than all others together).",
+    )
     flags.DEFINE_string("model", None, "A released DRAW model or a workdir of mnist_two_digits to sample.")
     flags.DEFINE_integer("num_samples", 1000, "Samples drawn from --model.")
     flags.DEFINE_integer("seed", 0, "Seed of the counter's training and of the samples.")
