@@ -71,6 +71,10 @@ class ClassifierRunConfig:
     checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2
     eval_examples: int = 0
+    # A released classifier (name or path) whose parameters a new run starts
+    # from, with a fresh optimiser and schedule; its model and variant must be
+    # this run's.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.variant not in cluttered.VARIANTS:
@@ -249,15 +253,21 @@ class _ClassifierTask:
         )
         self.replicated = parallel.replicated
         self.graphdef, self._state, optimizer = _init(config)
+        self._optimizer = optimizer
         self._step_fn = make_classifier_step(
             self.graphdef, optimizer, parallel.batch, ema_decay=config.optim.ema_decay
         )
+        self.released = _released_start(config)
 
     def init_state(self) -> train_step.TrainState:
         return self._state
 
     def first_state(self, state: train_step.TrainState) -> train_step.TrainState:
-        return state
+        if self.released is None:
+            return state
+        params, card = self.released
+        logging.info("starting from the released classifier %s (trained %d steps)", card.name, card.step)
+        return train_step.create_train_state(params, self._optimizer, ema=self.config.optim.ema_decay > 0)
 
     def feeder(self, start_step: int) -> _ClassifierFeeder:
         return _ClassifierFeeder(self._step_fn, self.train, self.config, self.parallel, start_step)
@@ -285,11 +295,36 @@ class _ClassifierTask:
         return {"config": self.config.to_dict()}
 
 
+def _released_start(config: ClassifierRunConfig) -> tuple[Any, Any] | None:
+    """(params, card) of ``config.init_from``'s release, or None without one.
+
+    Raises:
+      PretrainedError: unknown, missing or corrupted release (naming it).
+      ConfigError: the release is another model or variant than ``config``'s, naming what differs.
+    """
+    if config.init_from is None:
+        return None
+    from draw_jax import pretrained  # pretrained imports this module
+
+    card = pretrained.load_classifier_card(config.init_from)
+    ours = {"variant": config.variant, **dataclasses.asdict(config.model)}
+    theirs = {"variant": card.config.variant, **dataclasses.asdict(card.config.model)}
+    clashes = [f"{k} {ours[k]!r} (it has {theirs[k]!r})" for k in sorted(ours) if ours[k] != theirs[k]]
+    if clashes:
+        raise ConfigError(f"--init_from={config.init_from} is a different classifier: {', '.join(clashes)}")
+    _, params, card = pretrained.load_classifier(config.init_from)
+    return params, card
+
+
 def train_classifier(config: ClassifierRunConfig, workdir: str) -> dict[str, Any]:
     """Trains (or resumes) the classifier in ``workdir``; returns the final figures (also results.json).
 
+    With ``config.init_from`` a new run starts from that release's parameters
+    (a resumed one from its checkpoint).
+
     Raises:
       ConfigError: the workdir holds a different run, or a setting does not fit.
+      PretrainedError: ``config.init_from`` is unknown, missing or corrupted.
       DataError: MNIST files missing or malformed.
       TrainingDiverged: the loss became non-finite (the last good checkpoint is kept).
       TrainingInterrupted: Ctrl-C or SIGTERM (the last completed checkpoint is kept).

@@ -5,6 +5,7 @@
 Defaults are the paper's (Table 3): 100 x 100 images with 8 pieces of clutter,
 8 glimpses of 12 x 12, an LSTM of 256 cells. ``--variant=60x60`` is the RAM
 paper's smaller set (4 pieces). Re-running the same command resumes;
+``--init_from=NAME`` starts a new run from a released classifier;
 ``--pictures_dir`` draws the glimpse windows on test images from a finished
 run. The model lives in ``draw_jax.classifier`` (a user of
 ``draw_jax.attention``), its training in ``draw_jax.classifier_training`` (a task of
@@ -81,6 +82,13 @@ flags.DEFINE_integer("eval_examples", _RUN.eval_examples, "Valid images per eval
 flags.DEFINE_bool("test", False, "After training, also measure the test error (MNIST test images).")
 flags.DEFINE_string("pictures_dir", None, "Draw the glimpse windows on test images here (after training).")
 flags.DEFINE_string(
+    "init_from",
+    None,
+    "Start a new run from a released classifier's parameters (a name in draw_jax/pretrained, or the path "
+    "of its .json) with a fresh optimiser and schedule; --variant, --glimpses, --glimpse_n and --hidden "
+    "default to the release's.",
+)
+flags.DEFINE_string(
     "pretrained",
     None,
     "Evaluate a released classifier (a name in draw_jax/pretrained, or the path of its .json) and train "
@@ -91,16 +99,32 @@ flags.DEFINE_string(
 FLAGS = flags.FLAGS
 
 
+_MODEL_FLAGS = ("variant", "glimpses", "glimpse_n", "hidden")
+
+
 def config_from_flags() -> ClassifierRunConfig:
     size = cluttered.VARIANTS[FLAGS.variant][0]
     model = ClassifierConfig(height=size, width=size, glimpses=FLAGS.glimpses, glimpse_n=FLAGS.glimpse_n,
                              hidden=FLAGS.hidden)  # fmt: skip
+    variant = FLAGS.variant
+    if FLAGS.init_from:  # the release's model, unless a flag typed says otherwise (refused)
+        released = pretrained.load_classifier_card(FLAGS.init_from).config
+        theirs = {"variant": released.variant, **dataclasses.asdict(released.model)}
+        clashes = [f"--{k}={FLAGS[k].value!r} (it has {theirs[k]!r})" for k in _MODEL_FLAGS
+                   if FLAGS[k].present and FLAGS[k].value != theirs[k]]  # fmt: skip
+        if clashes:
+            raise cli.ConfigError(
+                f"--init_from={FLAGS.init_from} is a different classifier: {', '.join(clashes)}"
+            )
+        model, variant = released.model, released.variant
     optim = OptimConfig(learning_rate=FLAGS.learning_rate, adam_b1=FLAGS.adam_b1, clip_norm=FLAGS.clip_norm,
                         lr_schedule=FLAGS.lr_schedule, warmup_steps=FLAGS.warmup_steps,
                         ema_decay=FLAGS.ema_decay)  # fmt: skip
-    names = ("variant", "data_seed", "redraw_clutter", "data_dir", "tfds_data_dir", "batch_size", "num_steps", "seed", "log_every",
-             "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_examples")  # fmt: skip
-    return ClassifierRunConfig(model=model, optim=optim, **{n: getattr(FLAGS, n) for n in names})
+    names = ("data_seed", "redraw_clutter", "data_dir", "tfds_data_dir", "batch_size", "num_steps", "seed", "log_every",
+             "eval_every", "checkpoint_every", "checkpoint_minutes", "keep_checkpoints", "eval_examples", "init_from")  # fmt: skip
+    return ClassifierRunConfig(
+        model=model, optim=optim, variant=variant, **{n: getattr(FLAGS, n) for n in names}
+    )
 
 
 def draw_glimpses(

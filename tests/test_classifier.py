@@ -19,6 +19,7 @@ from draw_jax.classifier_training import (
     ClassifierRunConfig,
     _ClassifierFeeder,
     evaluate_error,
+    load_classifier,
     make_classifier_step,
 )
 from draw_jax.config import ConfigError, OptimConfig
@@ -285,6 +286,28 @@ def test_a_released_classifier_is_evaluated_without_training(mnist_dir, tmp_path
         pretrained.load(str(tmp_path / "tiny_classifier.json"))
     with pytest.raises(pretrained.PretrainedError, match="is a draw release"):
         pretrained.load_classifier("binarized_mnist_attention")
+    # A new run from the release: its model by default, a clashing model flag refused by name; at a
+    # vanishing rate it keeps the release's parameters, and its export counts the release's steps.
+    release = f"--init_from={tmp_path / 'tiny_classifier.json'}"
+    common = [f"--data_dir={mnist_dir}", "--batch_size=16", "--num_steps=2", "--eval_examples=32"]
+    clash = run_cli("experiments.classify_cluttered", release, *common, "--glimpses=3", "--variant=60x60",
+                    f"--workdir={tmp_path / 'clash'}", ok=False)  # fmt: skip
+    assert (
+        clash.returncode == 2 and "--glimpses=3 (it has 2)" in clash.stderr and "variant" not in clash.stderr
+    )
+    assert not (tmp_path / "clash").exists()
+    warm = tmp_path / "warm"
+    run_cli("experiments.classify_cluttered", release, *common, "--learning_rate=1e-12", f"--workdir={warm}")
+    config = ClassifierRunConfig.from_dict(json.load(open(warm / "config.json")))
+    assert config.model == card.config.model and config.init_from.endswith("tiny_classifier.json")
+    _, released, _ = pretrained.load_classifier(str(tmp_path / "tiny_classifier.json"))
+    _, after, step = load_classifier(config, str(warm))
+    assert step == 2
+    for a, b in zip(jax.tree.leaves(released), jax.tree.leaves(after), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-9)
+    run_cli("tools.export_pretrained", f"--workdir={warm}", "--name=warm_classifier", f"--data_dir={mnist_dir}",
+            f"--output_dir={tmp_path}", "--test_seeds=0", "--previous_steps=6")  # fmt: skip
+    assert pretrained.load_classifier_card(str(tmp_path / "warm_classifier.json")).step == 8
     # Corrupted parameters are refused, naming the file.
     npz = tmp_path / "tiny_classifier.npz"
     raw = bytearray(npz.read_bytes())

@@ -57,10 +57,8 @@ def _is_classifier_run(workdir: str) -> bool:
 
 def export_classifier(notes: dict[str, str]) -> None:
     """Releases a classifier run: valid error (the run's data seed) and test error per --test_seeds."""
-    if FLAGS.step is not None or FLAGS.previous_steps:
-        raise cli.ConfigError(
-            "--step and --previous_steps are for DRAW runs; a classifier is released at its latest step"
-        )
+    if FLAGS.step is not None:
+        raise cli.ConfigError("--step is for DRAW runs; a classifier is released at its latest step")
     try:
         seeds = sorted({int(s) for s in FLAGS.test_seeds})
     except ValueError as e:
@@ -68,7 +66,10 @@ def export_classifier(notes: dict[str, str]) -> None:
     with open(os.path.join(FLAGS.workdir, "config.json")) as f:
         config = ClassifierRunConfig.from_dict(json.load(f))
     config = dataclasses.replace(config, data_dir=FLAGS.data_dir, tfds_data_dir=None)
+    if FLAGS.previous_steps and config.init_from is None:
+        raise cli.ConfigError(f"--previous_steps: {FLAGS.workdir} did not start from --init_from parameters")
     graphdef, params, step = load_classifier(config, FLAGS.workdir)
+    step += FLAGS.previous_steps
 
     def error(split: str, seed: int) -> float:
         images = cluttered.load(split, variant=config.variant, seed=seed, data_dir=FLAGS.data_dir)
@@ -102,12 +103,12 @@ def main(argv: list[str]) -> None:
         if not sep:
             raise cli.ConfigError(f"--note must be key=value, got {line!r}")
         notes[key] = value
+    if FLAGS.previous_steps < 0:
+        raise cli.ConfigError(f"--previous_steps must be >= 0, got {FLAGS.previous_steps}")
     if _is_classifier_run(FLAGS.workdir):
         export_classifier(notes)
         return
     trained = load_trained(FLAGS.workdir, FLAGS.step)
-    if FLAGS.previous_steps < 0:
-        raise cli.ConfigError(f"--previous_steps must be >= 0, got {FLAGS.previous_steps}")
     if FLAGS.previous_steps and trained.config.run.init_from is None:
         raise cli.ConfigError(f"--previous_steps: {FLAGS.workdir} did not start from --init_from parameters")
     trained = dataclasses.replace(trained, step=trained.step + FLAGS.previous_steps)
