@@ -40,7 +40,7 @@ import numpy as np
 
 from draw_jax import train_step
 from draw_jax.checkpoint import file_sha256
-from draw_jax.classifier_training import ClassifierRunConfig, init_classifier
+from draw_jax.classifier_run import ClassifierRunConfig, init_classifier
 from draw_jax.config import ConfigError, DrawConfig, TrainConfig
 from draw_jax.model import DRAW
 from draw_jax.workdir import Trained, load_trained
