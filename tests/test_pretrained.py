@@ -22,7 +22,9 @@ from tests.test_train import run_cli, tiny_config
 # versions (the seed fixes every draw); more than this means the loading or the
 # model's math changed.
 MARGIN_NATS = 0.3
-SHIPPED = ("binarized_mnist_attention", "binarized_mnist_no_attention")
+SHIPPED = ("binarized_mnist_attention", "binarized_mnist_no_attention", "mnist_two_digits_attention")
+# The folder of ../shared/data each released model's data set is built from.
+DATA_FOLDER = {"binarized_mnist": "binarized_mnist", "mnist_two_digits": "mnist"}
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -31,9 +33,14 @@ def test_shipped_model_scores_its_recorded_bound(name, shared_data):
         pytest.skip(f"{name} is not released in this checkout")
     model = pretrained.load(name)
     card = pretrained.load_card(name)
-    assert card.config.data.dataset == "binarized_mnist" and card.config.model.T == 64
-    valid = data.load_split("binarized_mnist", "valid", os.path.join(shared_data, "binarized_mnist"))
-    evaluator = SplitEvaluator(model.graphdef, binary=True, binarize="none", batch_size=100)
+    settings = card.config.data
+    assert settings.dataset in DATA_FOLDER and card.config.model.T == 64
+    valid = data.load_split(
+        settings.dataset, "valid", os.path.join(shared_data, DATA_FOLDER[settings.dataset])
+    )
+    evaluator = SplitEvaluator(
+        model.graphdef, binary=valid.binary, binarize=settings.binarize, batch_size=100
+    )
     got = evaluator(model.params, valid.images[: card.slice_size], seed=0)
     assert abs(got.bound - card.slice_bound) < MARGIN_NATS, (got.bound, card.slice_bound)
     assert abs(card.slice_bound - card.valid_bound) < 5  # the slice is typical of valid
