@@ -143,11 +143,22 @@ class ClassifierCard(_CardJSON):
     _config_type: ClassVar[type] = ClassifierRunConfig
 
 
-def available() -> list[str]:
-    """Names of the released models present in this installation."""
+def available(kind: str | None = None) -> list[str]:
+    """Names of the released models present in this installation; of one kind ("draw", "classifier")."""
     if not os.path.isdir(PRETRAINED_DIR):
         return []
-    return sorted(f[: -len(".json")] for f in os.listdir(PRETRAINED_DIR) if f.endswith(".json"))
+    names = sorted(f[: -len(".json")] for f in os.listdir(PRETRAINED_DIR) if f.endswith(".json"))
+    if kind is None:
+        return names
+
+    def kind_of(name: str) -> str | None:
+        try:
+            with open(os.path.join(PRETRAINED_DIR, name + ".json")) as f:
+                return json.load(f).get("kind", "draw")
+        except (OSError, ValueError, AttributeError):
+            return None  # not a card: the loaders name what is wrong with it
+
+    return [n for n in names if kind_of(n) == kind]
 
 
 def resolve(name_or_path: str) -> tuple[str, str]:

@@ -91,7 +91,9 @@ flags.DEFINE_string(
 flags.DEFINE_string(
     "pretrained",
     None,
-    "Evaluate a released classifier (a name in draw_jax/pretrained, or the path of its .json) and train "
+    "Evaluate a released classifier (a name: "
+    + ", ".join(pretrained.available("classifier"))
+    + "; or the path of its .json) and train "
     "nothing: the valid error, or with --test the test error, on images cluttered with --data_seed. "
     "Writes only NAME_SPLIT_seedS.json into --workdir (and glimpses.png into --pictures_dir).",
 )

@@ -17,7 +17,7 @@ flags.DEFINE_string(
     "pretrained",
     None,
     "Instead of --workdir: a released model, by name ("
-    + ", ".join(pretrained.available())
+    + ", ".join(pretrained.available("draw"))
     + ") or .npz path.",
 )
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")

@@ -81,6 +81,16 @@ def test_a_damaged_file_is_refused_naming_it(tmp_path, damage):
     assert path in str(e.value)
 
 
+def test_the_names_offered_for_each_kind_are_the_ones_its_loader_takes():
+    draw, classifiers = pretrained.available("draw"), pretrained.available("classifier")
+    assert sorted(draw + classifiers) == pretrained.available() and not set(draw) & set(classifiers)
+    for name in draw:
+        pretrained.load_card(name)
+    for name in classifiers:
+        pretrained.load_classifier_card(name)
+    assert "binarized_mnist_attention" in draw and "cluttered_mnist_8_glimpses" in classifiers
+
+
 def test_unknown_name_and_missing_parameters(tmp_path):
     with pytest.raises(pretrained.PretrainedError, match="no released model named 'nope'"):
         pretrained.load("nope")
