@@ -22,7 +22,12 @@ __all__ = ["ClassifierRunConfig", "init_classifier"]
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierRunConfig:
-    """A classifier run: model, optimiser, data and schedule (what config.json holds)."""
+    """A classifier run: model, optimiser, data and schedule (what config.json holds).
+
+    ``init_from``: a released classifier (name or path) whose parameters a new
+    run starts from, with a fresh optimiser and schedule; its model and variant
+    must be this run's. A resumed run continues from its checkpoint.
+    """
 
     model: ClassifierConfig = dataclasses.field(default_factory=ClassifierConfig)
     optim: OptimConfig = dataclasses.field(
@@ -46,9 +51,6 @@ class ClassifierRunConfig:
     checkpoint_minutes: float = 10.0
     keep_checkpoints: int = 2
     eval_examples: int = 0
-    # A released classifier (name or path) whose parameters a new run starts
-    # from, with a fresh optimiser and schedule; its model and variant must be
-    # this run's.
     init_from: str | None = None
 
     def __post_init__(self) -> None:

@@ -179,15 +179,16 @@ class _ClassifierTask:
         self._step_fn = make_classifier_step(
             self.graphdef, optimizer, parallel.batch, ema_decay=config.optim.ema_decay
         )
-        self.released = _released_start(config)
 
     def init_state(self) -> train_step.TrainState:
         return self._state
 
     def first_state(self, state: train_step.TrainState) -> train_step.TrainState:
-        if self.released is None:
+        # Only a new run reads the release: a resumed one continues from its checkpoint.
+        released = _released_start(self.config)
+        if released is None:
             return state
-        params, card = self.released
+        params, card = released
         logging.info("starting from the released classifier %s (trained %d steps)", card.name, card.step)
         return train_step.create_train_state(params, self._optimizer, ema=self.config.optim.ema_decay > 0)
 

@@ -315,6 +315,10 @@ def test_a_released_classifier_is_evaluated_without_training(mnist_dir, tmp_path
     npz.write_bytes(bytes(raw))
     with pytest.raises(pretrained.PretrainedError, match="corrupted or truncated"):
         pretrained.load_classifier(str(npz))
+    # A run started from it resumes from its own checkpoint, without reading the release again.
+    run_cli("experiments.classify_cluttered", release, *common, "--num_steps=3", "--learning_rate=1e-12",
+            f"--workdir={warm}")  # fmt: skip
+    assert json.load(open(warm / "results.json"))["step"] == 3
 
 
 @pytest.mark.parametrize("name", ["cluttered_mnist_8_glimpses", "cluttered_mnist_4_glimpses"])
