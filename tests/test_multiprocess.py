@@ -136,7 +136,11 @@ def test_a_lost_process_ends_the_others_at_once_keeping_the_checkpoints(small_da
     args = [*train_args(small_data, workdir, 10**6), f"--coordinator_address={address}", "--num_processes=2",
             "--checkpoint_every=30", "--log_every=10", "--heartbeat_timeout=20"]  # fmt: skip
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = [subprocess.Popen([*args, f"--process_id={i}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: SIGINT at its default action in each process, however the tests were
+    # started (a background job or a CI runner may start them with SIGINT ignored, and a
+    # process that starts with it ignored rightly stays deaf to it).
+    procs = [subprocess.Popen([*args, f"--process_id={i}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
              for i in range(2)]  # fmt: skip
     try:
         for line in procs[0].stderr:  # process 0 logs for the run
@@ -186,7 +190,11 @@ def test_a_signal_to_every_process_stops_the_run_as_one_and_it_resumes_in_the_sa
         "--num_processes=2",
     ]
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
-    procs = [subprocess.Popen([*args, f"--process_id={i}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    # As from a terminal: SIGINT at its default action in each process, however the tests were
+    # started (a background job or a CI runner may start them with SIGINT ignored, and a
+    # process that starts with it ignored rightly stays deaf to it).
+    procs = [subprocess.Popen([*args, f"--process_id={i}"], cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
              for i in range(2)]  # fmt: skip
     try:
         for line in procs[0].stderr:
