@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import jax
 import numpy as np
 import optax
 import pytest
@@ -75,3 +76,46 @@ def test_the_counter_learns_the_counts_of_real_two_digit_images(mnist_dir):
     found, _ = check.predict(model, x)
     assert (found == target).all(-1).mean() >= 0.9
     assert check.share_of_two(model, x, 0.5) >= 0.9
+
+
+def _tiny_source(m: int = 40) -> tuple[data.Dataset, tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (m, 28, 28, 1)).astype(np.uint8)
+    labels = rng.integers(0, 10, m)
+    valid = (rng.integers(0, 256, (6, two_digits.CANVAS, two_digits.CANVAS, 1)).astype(np.uint8),
+             check.counts(labels[:6], labels[6:12]))  # fmt: skip
+    return data.Dataset(images=images, binary=False, name="mnist", split="train", labels=labels), valid
+
+
+def test_an_interrupted_counter_training_resumes_to_the_same_counter(tmp_path, monkeypatch):
+    source, valid = _tiny_source()
+    whole = check.train_counter(source, valid, num_steps=5, seed=0, run_dir=str(tmp_path / "whole"),
+                                checkpoint_every=2)  # fmt: skip
+
+    real_batch, calls = check.fresh_batch, []
+
+    def interrupted_at_step_3(*args):
+        calls.append(1)
+        if len(calls) == 4:  # step index 3: after the step-2 checkpoint, before the step-4 one
+            raise KeyboardInterrupt
+        return real_batch(*args)
+
+    monkeypatch.setattr(check, "fresh_batch", interrupted_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        check.train_counter(source, valid, 5, 0, str(tmp_path / "cut"), checkpoint_every=2)
+    monkeypatch.setattr(check, "fresh_batch", real_batch)
+    resumed = check.train_counter(source, valid, 5, 0, str(tmp_path / "cut"), checkpoint_every=2)
+
+    for a, b in zip(jax.tree.leaves(nnx.state(whole)), jax.tree.leaves(nnx.state(resumed)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    fresh = check.Counter(nnx.Rngs(0))
+    assert not np.array_equal(
+        nnx.state(fresh)["out"]["kernel"][...], nnx.state(resumed)["out"]["kernel"][...]
+    )
+
+
+def test_a_counter_training_is_not_resumed_with_other_settings(tmp_path):
+    source, valid = _tiny_source()
+    check.train_counter(source, valid, 3, 0, str(tmp_path), checkpoint_every=2)
+    with pytest.raises(Exception, match=r"num_steps=4.*another --workdir"):
+        check.train_counter(source, valid, 4, 0, str(tmp_path), checkpoint_every=2)

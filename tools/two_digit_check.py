@@ -10,7 +10,8 @@ digits** when the predicted counts sum to two and the probability of that
 prediction (the product over the ten classes) is at least ``--confidence``.
 
 ``python -m tools.two_digit_check --data_dir=../shared/data/mnist --workdir=runs/two_digit_check``
-trains the counter (once, about 50 minutes on one core; later calls reuse it) and prints the share of real
+trains the counter (once, 50-95 minutes on one core; later calls reuse it; an interrupted
+training resumes from its checkpoints, saved every 1,000 steps) and prints the share of real
 test images with two confident digits, for two-digit and for one-digit
 images. ``--model=NAME_OR_WORKDIR`` (a released DRAW or a training run of
 ``mnist_two_digits``) adds the share for ``--num_samples`` samples from it
@@ -30,8 +31,8 @@ import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
 
+from draw_jax import checkpoint, pretrained, two_digits
 from draw_jax import data as data_lib
-from draw_jax import pretrained, two_digits
 
 FLAGS = flags.FLAGS
 
@@ -126,13 +127,26 @@ def loss_fn(model: Counter, x: jax.Array, target: jax.Array) -> jax.Array:
 
 
 def train_counter(
-    source: data_lib.Dataset, valid: tuple[np.ndarray, np.ndarray], num_steps: int, seed: int
+    source: data_lib.Dataset,
+    valid: tuple[np.ndarray, np.ndarray],
+    num_steps: int,
+    seed: int,
+    run_dir: str,
+    checkpoint_every: int = 1000,
 ) -> Counter:
     """Adam 1e-3 with a cosine decay over ``num_steps``, batches of 128 fresh images
     (``fresh_batch``): two thirds two-digit, one third one-digit. Logs the share of the
-    ``valid`` two-digit images (uint8 images, counts) whose counts it gets exactly right."""
+    ``valid`` two-digit images (uint8 images, counts) whose counts it gets exactly right.
+
+    Every ``checkpoint_every`` steps the counter and its optimizer are saved under
+    ``run_dir``, and a later call resumes from the latest save. Step i's batch is drawn
+    from a generator seeded with (seed, 1, i), so a resumed training gives the same
+    counter as an uninterrupted one. A ``run_dir`` holding a training with another
+    ``num_steps`` or ``seed`` is refused, naming both.
+    """
     model = Counter(nnx.Rngs(seed))
     optimizer = nnx.Optimizer(model, optax.adam(optax.cosine_decay_schedule(1e-3, num_steps)), wrt=nnx.Param)
+    _check_same_training(run_dir, num_steps, seed)
 
     @nnx.jit
     def step(model, optimizer, x, target):
@@ -140,19 +154,46 @@ def train_counter(
         optimizer.update(model, grads)
         return loss
 
-    rng = np.random.default_rng([seed, 1])
-    for i in range(num_steps):
-        loss = step(model, optimizer, *fresh_batch(source.images, source.labels, rng, 85, 43))
-        if (i + 1) % 500 == 0:
-            logging.info("counter step %d/%d  loss %.4f", i + 1, num_steps, float(loss))
-        if (i + 1) % 2000 == 0 or i + 1 == num_steps:
-            found, _ = predict(model, valid[0].astype(np.float32) / 255)
-            logging.info(
-                "counter step %d  valid two-digit counts exact %.4f",
-                i + 1,
-                np.mean((found == valid[1]).all(-1)),
-            )
+    with checkpoint.Checkpointer(run_dir, keep=1) as checkpointer:
+        start = checkpointer.latest_step() or 0
+        if start:
+            state = checkpointer.restore({"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
+            nnx.update(model, state["model"])
+            nnx.update(optimizer, state["optimizer"])
+            logging.info("counter resumed from its step-%d checkpoint in %s", start, run_dir)
+        for i in range(start, num_steps):
+            rng = np.random.default_rng([seed, 1, i])
+            loss = step(model, optimizer, *fresh_batch(source.images, source.labels, rng, 85, 43))
+            if (i + 1) % 500 == 0:
+                logging.info("counter step %d/%d  loss %.4f", i + 1, num_steps, float(loss))
+            if (i + 1) % 2000 == 0 or i + 1 == num_steps:
+                found, _ = predict(model, valid[0].astype(np.float32) / 255)
+                logging.info(
+                    "counter step %d  valid two-digit counts exact %.4f",
+                    i + 1,
+                    np.mean((found == valid[1]).all(-1)),
+                )
+            if (i + 1) % checkpoint_every == 0 and i + 1 < num_steps:
+                checkpointer.save(i + 1, {"model": nnx.state(model), "optimizer": nnx.state(optimizer)})
     return model
+
+
+def _check_same_training(run_dir: str, num_steps: int, seed: int) -> None:
+    """Records the training's settings in ``run_dir`` on its first call; refuses other settings later."""
+    os.makedirs(run_dir, exist_ok=True)
+    path = os.path.join(run_dir, "settings.json")
+    settings = {"num_steps": num_steps, "seed": seed}
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f)
+        if before != settings:
+            raise app.UsageError(
+                f"{run_dir} holds an unfinished counter training with {before}, not --num_steps={num_steps} "
+                f"--seed={seed}: pass its settings to resume it, or another --workdir"
+            )
+    else:
+        with open(path, "w") as f:
+            json.dump(settings, f)
 
 
 def predict(model: Counter, images: np.ndarray, batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +223,10 @@ def load_or_train(workdir: str, data_dir: str, num_steps: int, seed: int) -> Cou
             graphdef, state = nnx.split(model)
             return nnx.merge(graphdef, checkpointer.restore(path, target=state))
         valid = labelled_split("valid", data_dir)["two"]
-        model = train_counter(data_lib.load_split("mnist", "train", data_dir), valid, num_steps, seed)
+        run_dir = os.path.join(os.path.abspath(workdir), "counter_training")
+        model = train_counter(
+            data_lib.load_split("mnist", "train", data_dir), valid, num_steps, seed, run_dir
+        )
         checkpointer.save(path, nnx.state(model))
     return model
 
