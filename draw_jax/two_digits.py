@@ -1,13 +1,14 @@
 """Two-digit MNIST (DRAW sec. 4.3): 60 x 60 images holding two real MNIST digits.
 
-Protocol (the paper says only "two random MNIST digits placed at random in a
-60 x 60 image"; the rest is ours):
+Protocol (the paper: two 28 x 28 MNIST digits "chosen at random and placed at
+random locations" in a 60 x 60 black background, overlapping intensities "added
+together at each point and clipped to be no greater than one"; the rest is ours):
 
 * Example i of a split holds MNIST image i of that split and a partner drawn
   uniformly from the split's other images, each pasted whole (28 x 28) at a
   position uniform over 0..32 on each axis, independently (the two may overlap).
-* Overlaps combine by pixelwise maximum (values stay MNIST's 0..255; a sum
-  would saturate where strokes cross).
+* Overlaps add and clip, as the paper's do: values stay MNIST's 0..255, and
+  where strokes cross the sum saturates at 255.
 * Splits as ``mnist``: train from MNIST train's first 50,000, valid from its
   last 10,000, test from MNIST test; partners come from the same split.
 * Deterministic: every draw of split s comes from
@@ -54,12 +55,15 @@ def make(digits: np.ndarray, split: str, seed: int = SEED) -> TwoDigits:
 
 def paste(layers: list[np.ndarray], positions: np.ndarray) -> np.ndarray:
     """Canvases uint8 [m, 60, 60, 1]: digit ``layers[k][i]`` ([m, 28, 28, 1] each) pasted with
-    its top-left corner at ``positions[i, k]`` ([m, k, 2], (row, col)), overlaps by maximum."""
+    its top-left corner at ``positions[i, k]`` ([m, k, 2], (row, col)); overlaps add, clipped
+    at 255 (the paper's "added together ... and clipped to be no greater than one")."""
     m = positions.shape[0]
     images = np.zeros((m, CANVAS, CANVAS, 1), np.uint8)
-    for k, layer in enumerate(layers):
-        for i in range(m):
+    canvas = np.zeros((CANVAS, CANVAS, 1), np.uint16)  # one image's sum, wide enough not to wrap
+    for i in range(m):
+        canvas[:] = 0
+        for k, layer in enumerate(layers):
             y, x = positions[i, k]
-            region = images[i, y : y + _DIGIT, x : x + _DIGIT]
-            np.maximum(region, layer[i], out=region)
+            canvas[y : y + _DIGIT, x : x + _DIGIT] += layer[i]
+        np.minimum(canvas, 255, out=images[i], casting="unsafe")
     return images
