@@ -36,6 +36,28 @@ def test_one_digit_images_hold_the_whole_digit_where_two_digits_would_place_it()
         assert image.astype(int).sum() == digit.astype(int).sum()  # nothing else on the canvas
 
 
+def test_layout_counts_pieces_and_measures_how_far_apart_the_ink_lies():
+    canvas = np.zeros((4, 60, 60, 1), np.float32)
+    canvas[0, 10:20, 10:20] = 1  # one square
+    canvas[1, 10:20, 10:20] = canvas[1, 40:50, 40:50] = 1  # two squares far apart
+    canvas[2, 10:20, 10:20] = canvas[2, 18:28, 18:28] = 1  # two overlapping: one piece
+    canvas[3] = canvas[1]
+    canvas[3, 30:33, 5:8] = 1  # and a stray stroke of 9 pixels
+    canvas[3, 55, 55] = 1  # a speck below the piece size is not a piece
+    each = [check.layout(canvas[i : i + 1]) for i in range(4)]
+    assert [(e["pieces_1"], e["pieces_2"], e["pieces_3+"]) for e in each] == [
+        (1, 0, 0),
+        (0, 1, 0),
+        (1, 0, 0),
+        (0, 0, 1),
+    ]
+    # One 10 x 10 square: RMS distance sqrt(2 * (10**2 - 1) / 12); two, 30 px apart per axis, add 15 * sqrt(2).
+    np.testing.assert_allclose(each[0]["spread"], np.sqrt(2 * 99 / 12), rtol=1e-6)
+    np.testing.assert_allclose(each[1]["spread"], np.sqrt(2 * 99 / 12 + 2 * 15**2), rtol=1e-6)
+    whole = check.layout(canvas)
+    assert whole["pieces_1"] == 0.5 and whole["pieces_2"] == 0.25 and whole["pieces_3+"] == 0.25
+
+
 def test_fresh_batches_count_the_digits_they_paste_and_never_repeat():
     # Digit i is a solid square of odd grey level 2i + 1; overlaps add to even levels (below 255,
     # so unclipped), so the odd levels on a canvas name its digits.

@@ -17,6 +17,13 @@ images. ``--model=NAME_OR_WORKDIR`` (a released DRAW or a training run of
 ``mnist_two_digits``) adds the share for ``--num_samples`` samples from it
 (the canvas means sigmoid(c_T), grey like the real images). Each call writes
 ``<workdir>/report[_<model>].json``.
+
+Beside the counter, the layout of the ink, for real images and samples alike:
+``spread``, the median over images of the root-mean-square distance (pixels)
+of the ink from its centre, says whether two digits lie as far apart as real
+pairs do; ``pieces_1`` / ``pieces_2`` / ``pieces_3+``, the shares of images
+whose ink (pixels above 0.5, 8-connected, pieces of at least 5 pixels) forms
+one piece (touching or overlapping digits), two, or more (stray strokes).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
 from flax import nnx
+from scipy import ndimage
 
 from draw_jax import checkpoint, pretrained, two_digits
 from draw_jax import data as data_lib
@@ -211,6 +219,27 @@ def share_of_two(model: Counter, images: np.ndarray, confidence: float) -> float
     return float(np.mean((found.sum(-1) == 2) & (p >= confidence)))
 
 
+def layout(images: np.ndarray, min_piece: int = 5) -> dict[str, float]:
+    """The ink's layout in float images [m, H, W, 1] in [0, 1] (see the module's docstring)."""
+    x = images[..., 0].astype(np.float64)
+    rows, cols = np.mgrid[: x.shape[1], : x.shape[2]]
+    mass = np.maximum(x.sum((1, 2)), 1e-9)
+    cy, cx = (x * rows).sum((1, 2)) / mass, (x * cols).sum((1, 2)) / mass
+    square = (rows - cy[:, None, None]) ** 2 + (cols - cx[:, None, None]) ** 2
+    spread = np.sqrt((x * square).sum((1, 2)) / mass)
+    pieces = []
+    for on in x > 0.5:
+        labels, _ = ndimage.label(on, structure=np.ones((3, 3)))
+        pieces.append(int((np.bincount(labels.ravel())[1:] >= min_piece).sum()))
+    pieces = np.array(pieces)
+    return {
+        "spread": float(np.median(spread)),
+        "pieces_1": float(np.mean(pieces == 1)),
+        "pieces_2": float(np.mean(pieces == 2)),
+        "pieces_3+": float(np.mean(pieces >= 3)),
+    }
+
+
 def _counter_path(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "counter")
 
@@ -259,11 +288,14 @@ def main(argv: list[str]) -> None:
         found, _ = predict(counter, x)
         report[f"real_{kind}_digit_share"] = share_of_two(counter, x, FLAGS.confidence)
         report[f"real_{kind}_digit_counts_exact"] = float(np.mean((found == truth).all(-1)))
+        if kind == "two":
+            report.update({f"real_two_digit_{k}": v for k, v in layout(x).items()})
     if FLAGS.model:
         report["model"] = FLAGS.model
         report["num_samples"] = FLAGS.num_samples
-        report["samples_share"] = share_of_two(counter, samples(FLAGS.model, FLAGS.num_samples, FLAGS.seed),
-                                               FLAGS.confidence)  # fmt: skip
+        drawn = samples(FLAGS.model, FLAGS.num_samples, FLAGS.seed)
+        report["samples_share"] = share_of_two(counter, drawn, FLAGS.confidence)
+        report.update({f"samples_{k}": v for k, v in layout(drawn).items()})
     for key, value in report.items():
         print(f"{key:<34}{value:.4f}" if isinstance(value, float) else f"{key:<34}{value}")
     stem = "report" + (f"_{os.path.basename(os.path.normpath(FLAGS.model))}" if FLAGS.model else "")
