@@ -27,7 +27,12 @@
 # BENCH_CONFIG (paper_attention), SMALL_CONFIG (small_attention), TRAIN_FLAGS
 # (extra flags for experiments.train), STAGE_TIMEOUT (120 s per benchmark run),
 # DATA (.device/data/binarized_mnist), TRAIN_STEPS (instead of the step count
-# from the benchmark, e.g. for STAGES="train release" alone in a second call).
+# from the benchmark, e.g. for STAGES="train release" alone in a second call),
+# PREVIOUS_STEPS (0; the steps behind an --init_from model, for the card).
+# To continue the released model rather than start afresh (a warm restart like
+# the CPU stages, its cosine ending when the time does):
+#   TRAIN_FLAGS="--init_from=binarized_mnist_attention --kl_warmup_steps=0 --warmup_steps=100 \
+#     --lr_schedule=cosine" TRAIN_LR=2e-3 PREVIOUS_STEPS=88000 bash tools/gpu_session.sh
 # Budget: three benchmark runs of about a minute each, then about 4 minutes of
 # training, evaluation and release, inside the 560 s asked for above; with the
 # machine's start that is ~11 of the 15 device minutes, so a retry can only be
@@ -63,6 +68,7 @@ TRAIN_FLAGS=${TRAIN_FLAGS:-}
 STAGE_TIMEOUT=${STAGE_TIMEOUT:-120}
 DATA=${DATA:-.device/data/binarized_mnist}
 RUN=${RUN:-/tmp/draw_gpu_run}
+PREVIOUS_STEPS=${PREVIOUS_STEPS:-0}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 summary="$OUT/summary.txt"
@@ -131,8 +137,9 @@ fi
 if [[ " $STAGES " == *" release "* ]] && [ -d "$RUN" ]; then
     timeout -s TERM 180 python3 -m tools.export_pretrained --workdir="$RUN" \
         --name=binarized_mnist_attention_gpu --output_dir="$OUT" --data_dir="$DATA" \
+        --previous_steps="$PREVIOUS_STEPS" \
         --note="machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu)" \
-        --note="command=TRAIN_BATCH=$TRAIN_BATCH TRAIN_SECONDS=$TRAIN_SECONDS TRAIN_LR=$TRAIN_LR bash tools/gpu_session.sh" \
+        --note="command=TRAIN_BATCH=$TRAIN_BATCH TRAIN_SECONDS=$TRAIN_SECONDS TRAIN_LR=$TRAIN_LR TRAIN_FLAGS='$TRAIN_FLAGS' bash tools/gpu_session.sh" \
         >"$OUT/release.log" 2>&1
     note "release: exit $? $(ls "$OUT" | grep -c 'binarized_mnist_attention_gpu') files"
     grep -i 'valid' "$OUT/release.log" | tail -2 | tee -a "$summary"
