@@ -24,6 +24,9 @@ of the ink from its centre, says whether two digits lie as far apart as real
 pairs do; ``pieces_1`` / ``pieces_2`` / ``pieces_3+``, the shares of images
 whose ink (pixels above 0.5, 8-connected, pieces of at least 5 pixels) forms
 one piece (touching or overlapping digits), two, or more (stray strokes).
+
+A maintainers' tool, written for flax 0.12 on (``nnx.List``, ``Optimizer.update(model,
+grads)``), above the lower bound that ``draw_jax`` itself keeps.
 """
 
 from __future__ import annotations
