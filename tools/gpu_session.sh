@@ -28,11 +28,17 @@
 # (extra flags for experiments.train), STAGE_TIMEOUT (120 s per benchmark run),
 # DATA (.device/data/binarized_mnist), TRAIN_STEPS (instead of the step count
 # from the benchmark, e.g. for STAGES="train release" alone in a second call),
-# PREVIOUS_STEPS (0; the steps behind an --init_from model, for the card).
+# PREVIOUS_STEPS (0; the steps behind an --init_from model, for the card),
+# RELEASE_NAME (binarized_mnist_attention_gpu).
 # To continue the released model rather than start afresh (a warm restart like
 # the CPU stages, its cosine ending when the time does):
 #   TRAIN_FLAGS="--init_from=binarized_mnist_attention --kl_warmup_steps=0 --warmup_steps=100 \
 #     --lr_schedule=cosine" TRAIN_LR=2e-3 PREVIOUS_STEPS=88000 bash tools/gpu_session.sh
+# The two-digit model the same way (RELEASE_NAME names the released files):
+#   TRAIN_FLAGS="--init_from=mnist_two_digits_attention --preset=paper_two_digits --adam_b1=0.9 \
+#     --kl_warmup_steps=0 --warmup_steps=200 --lr_schedule=cosine" TRAIN_LR=2e-3 TRAIN_BATCH=100 \
+#     PREVIOUS_STEPS=24000 DATA=.device/data/mnist RELEASE_NAME=mnist_two_digits_attention_gpu \
+#     STAGES="train release" TRAIN_STEPS=... bash tools/gpu_session.sh
 # Budget: three benchmark runs of about a minute each, then about 4 minutes of
 # training, evaluation and release, inside the 560 s asked for above; with the
 # machine's start that is ~11 of the 15 device minutes, so a retry can only be
@@ -48,7 +54,7 @@ if [ "${1:-}" = "--prepare" ]; then
     set -e
     shared=${SHARED_DATA:-../shared/data}
     mkdir -p .device/data .device/whl
-    cp -r "$shared/binarized_mnist" .device/data/
+    cp -r "$shared/binarized_mnist" "$shared/mnist" .device/data/
     version=$(python3 -c "import tensorboardX; print(tensorboardX.__version__)")
     python3 -m pip download -q --no-deps --only-binary=:all: -d .device/whl "tensorboardX==$version"
     du -sh .device
@@ -69,6 +75,7 @@ STAGE_TIMEOUT=${STAGE_TIMEOUT:-120}
 DATA=${DATA:-.device/data/binarized_mnist}
 RUN=${RUN:-/tmp/draw_gpu_run}
 PREVIOUS_STEPS=${PREVIOUS_STEPS:-0}
+RELEASE_NAME=${RELEASE_NAME:-binarized_mnist_attention_gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 summary="$OUT/summary.txt"
@@ -136,12 +143,12 @@ fi
 # 4. The run as a released model (parameters and card), into $OUT.
 if [[ " $STAGES " == *" release "* ]] && [ -d "$RUN" ]; then
     timeout -s TERM 180 python3 -m tools.export_pretrained --workdir="$RUN" \
-        --name=binarized_mnist_attention_gpu --output_dir="$OUT" --data_dir="$DATA" \
+        --name="$RELEASE_NAME" --output_dir="$OUT" --data_dir="$DATA" \
         --previous_steps="$PREVIOUS_STEPS" \
         --note="machine=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo cpu)" \
         --note="command=TRAIN_BATCH=$TRAIN_BATCH TRAIN_SECONDS=$TRAIN_SECONDS TRAIN_LR=$TRAIN_LR TRAIN_FLAGS='$TRAIN_FLAGS' bash tools/gpu_session.sh" \
         >"$OUT/release.log" 2>&1
-    note "release: exit $? $(ls "$OUT" | grep -c 'binarized_mnist_attention_gpu') files"
+    note "release: exit $? $(ls "$OUT" | grep -c "$RELEASE_NAME") files"
     grep -i 'valid' "$OUT/release.log" | tail -2 | tee -a "$summary"
 fi
 note "== $(date -u +%FT%TZ) done"
