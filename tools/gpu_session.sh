@@ -33,7 +33,7 @@
 # To continue the released model rather than start afresh (a warm restart like
 # the CPU stages, its cosine ending when the time does):
 #   TRAIN_FLAGS="--init_from=binarized_mnist_attention --kl_warmup_steps=0 --warmup_steps=100 \
-#     --lr_schedule=cosine" TRAIN_LR=2e-3 PREVIOUS_STEPS=88000 bash tools/gpu_session.sh
+#     --lr_schedule=cosine" TRAIN_LR=2e-3 PREVIOUS_STEPS=136000 bash tools/gpu_session.sh
 # The two-digit model the same way (RELEASE_NAME names the released files):
 #   TRAIN_FLAGS="--init_from=mnist_two_digits_attention --preset=paper_two_digits --adam_b1=0.9 \
 #     --kl_warmup_steps=0 --warmup_steps=200 --lr_schedule=cosine" TRAIN_LR=2e-3 TRAIN_BATCH=100 \
