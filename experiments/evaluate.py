@@ -1,7 +1,8 @@
 """Evaluates a trained DRAW on a whole split: the bound and an importance-weighted NLL.
 
 ``python -m experiments.evaluate --workdir=W --split=test [--num_importance_samples=100]``
-prints a table and writes ``<workdir>/eval_<split>_step<N>_k<K>.json``. With
+prints a table and writes ``<workdir>/eval_<split>_step<N>_k<K>.json``
+(``..._first<M>.json`` with ``--num_examples=M``, the split's first M images). With
 ``--pretrained=NAME`` instead of ``--workdir`` it evaluates a released model
 (``--data_dir`` for local files) and writes JSON only where ``--output`` says.
 It runs as one process on one device; the workdir of a multi-process run is
@@ -22,6 +23,9 @@ from experiments import cli, common_flags
 
 flags.DEFINE_integer("num_importance_samples", 10, "k for the IWAE estimate (1 = the bound, in expectation).")
 flags.DEFINE_integer("batch_size", 100, "Images per evaluation batch.")
+flags.DEFINE_integer(
+    "num_examples", None, "Evaluate only the split's first this many images (default: all of them)."
+)
 flags.DEFINE_string("output", None, "JSON path (default: in the workdir; none for --pretrained).")
 
 flags.adopt_module_key_flags(common_flags)  # its flags show in --help
@@ -37,8 +41,17 @@ def main(argv: list[str]) -> None:
         raise cli.ConfigError(f"--num_importance_samples must be >= 1, got {FLAGS.num_importance_samples}")
     if FLAGS.batch_size < 1:
         raise cli.ConfigError(f"--batch_size must be >= 1, got {FLAGS.batch_size}")
+    if FLAGS.num_examples is not None and FLAGS.num_examples < 1:
+        raise cli.ConfigError(f"--num_examples must be >= 1, got {FLAGS.num_examples}")
     trained, source = common_flags.load_model()
     split, data_cfg = common_flags.load_data(trained.config)
+    images, total = split.images, len(split.images)
+    if FLAGS.num_examples is not None:
+        if FLAGS.num_examples > total:
+            raise cli.ConfigError(
+                f"--num_examples={FLAGS.num_examples}, but {split.name}/{split.split} has {total} images"
+            )
+        images = images[: FLAGS.num_examples]
     evaluator = SplitEvaluator(
         trained.graphdef,
         binary=split.binary,
@@ -46,9 +59,14 @@ def main(argv: list[str]) -> None:
         batch_size=FLAGS.batch_size,
         num_importance_samples=FLAGS.num_importance_samples,
     )
-    res = evaluator(trained.params, split.images, seed=FLAGS.seed)
+    res = evaluator(trained.params, images, seed=FLAGS.seed)
     k = res.num_importance_samples
-    print(f"DRAW {source} step {trained.step} on {split.name}/{split.split} ({res.num_images} images)")
+    which = (
+        f"{res.num_images} images"
+        if res.num_images == total
+        else f"its first {res.num_images} of {total} images"
+    )
+    print(f"DRAW {source} step {trained.step} on {split.name}/{split.split} ({which})")
     is_likelihood = trained.config.bound_is_likelihood
     if is_likelihood:
         bound_label, iwae_label = "variational bound (nats)", f"IWAE estimate of -log p(x), k={k}"
@@ -69,7 +87,8 @@ def main(argv: list[str]) -> None:
         print(f"  {'IWAE estimate, bits per dimension':<44}{bpd['iwae_bits_per_dim']:10.3f}")
     path = FLAGS.output
     if path is None and FLAGS.workdir is not None:
-        path = os.path.join(FLAGS.workdir, f"eval_{split.split}_step{trained.step}_k{k}.json")
+        subset = "" if res.num_images == total else f"_first{res.num_images}"
+        path = os.path.join(FLAGS.workdir, f"eval_{split.split}_step{trained.step}_k{k}{subset}.json")
     if path is None:
         return
     payload = {
@@ -77,6 +96,7 @@ def main(argv: list[str]) -> None:
         "step": trained.step,
         "dataset": split.name,
         "split": split.split,
+        "split_size": total,
         "seed": FLAGS.seed,
         "binarize": data_cfg.binarize,
         "is_likelihood": is_likelihood,

@@ -83,6 +83,16 @@ def test_train_command_writes_everything_then_evaluate_and_sample(small_data, tm
     )
     assert json.load(open(f"{tmp_path}/e2.json"))["bound"] == ev["bound"]  # deterministic
     assert again.returncode == 0
+    # --num_examples: the split's first images, said so, in a file of their own.
+    first = run_cli(
+        "experiments.evaluate", f"--workdir={workdir}", "--num_importance_samples=4", "--num_examples=50"
+    )
+    assert "first 50 of 200 images" in first.stdout
+    sub = json.load(open(f"{workdir}/eval_valid_step36_k4_first50.json"))
+    assert (sub["num_images"], sub["split_size"]) == (50, 200) and sub["bound"] != ev["bound"]
+    assert json.load(open(f"{workdir}/eval_valid_step36_k4.json")) == ev  # the whole split's figures kept
+    too_many = run_cli("experiments.evaluate", f"--workdir={workdir}", "--num_examples=201", ok=False)
+    assert "--num_examples=201" in too_many.stderr and "200 images" in too_many.stderr
 
     pics = str(tmp_path / "pics")
     sampled = run_cli(
