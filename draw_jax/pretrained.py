@@ -9,8 +9,11 @@ Example (the released model's valid bound is in its card; see README.md):
 
 A released model is two files in ``draw_jax/pretrained/``:
 
-* ``<name>.npz`` — the parameters only, float32, ``numpy.savez_compressed``;
-  one array per parameter, keyed by its path in the model's parameter tree.
+* ``<name>.npz`` — the parameters only, ``numpy.savez_compressed``; one
+  array per parameter, keyed by its path in the model's parameter tree; stored
+  in float32, or in float16 where the card says so (``param_dtype``: half the
+  size, and ``tools.export_pretrained`` refuses it unless the valid bound is
+  unchanged). Loading always gives float32.
 * ``<name>.json`` — its card: the ``TrainConfig`` it was trained with, the
   step, the recipe's command, the measured valid bound, and the SHA-256 of
   the ``.npz``. Loading verifies the checksum before reading a byte of the
@@ -47,6 +50,7 @@ from draw_jax.workdir import Trained, load_trained
 
 __all__ = [
     "FORMAT_VERSION",
+    "PARAM_DTYPES",
     "PRETRAINED_DIR",
     "Card",
     "ClassifierCard",
@@ -61,10 +65,12 @@ __all__ = [
     "resolve",
     "save",
     "save_classifier",
+    "stored_params",
 ]
 
 PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
 FORMAT_VERSION = 1
+PARAM_DTYPES = ("float32", "float16")  # how a release's .npz may store its parameters
 
 
 class PretrainedError(ConfigError):
@@ -101,6 +107,8 @@ class Card(_CardJSON):
       slice_bound: the same on the first ``slice_size`` valid images (what the tests re-measure).
       slice_size: images in that slice.
       notes: recipe, command, machine, wall-clock: free text for people.
+      param_dtype: how the ``.npz`` stores the parameters (``PARAM_DTYPES``);
+        the bounds are those of the stored parameters.
     """
 
     name: str
@@ -112,6 +120,11 @@ class Card(_CardJSON):
     slice_size: int
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ConfigError(f"param_dtype must be one of {PARAM_DTYPES}, got {self.param_dtype!r}")
 
     _config_type: ClassVar[type] = TrainConfig
 
@@ -216,8 +229,10 @@ def _flat(params: train_step.Params) -> tuple[dict[str, Any], Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in leaves}, treedef
 
 
-def _read_params(name_or_path: str, sha256: str, like: train_step.Params) -> train_step.Params:
-    """The parameters of a release, checksum verified and fitted to ``like``'s tree."""
+def _read_params(
+    name_or_path: str, sha256: str, like: train_step.Params, param_dtype: str = "float32"
+) -> train_step.Params:
+    """A release's parameters (stored as ``param_dtype``) as float32, checksum verified, fitted to ``like``."""
     _, npz_path = resolve(name_or_path)
     if not os.path.isfile(npz_path):
         raise PretrainedError(f"{npz_path} not found (its card is there, its parameters are not)")
@@ -240,20 +255,45 @@ def _read_params(name_or_path: str, sha256: str, like: train_step.Params) -> tra
         )
     leaves = []
     for key, ref in want.items():
-        if got[key].shape != ref.shape or got[key].dtype != np.float32:
+        if got[key].shape != ref.shape or got[key].dtype != np.dtype(param_dtype):
             raise PretrainedError(
                 f"{npz_path}: parameter {key} is {got[key].dtype}{list(got[key].shape)}, "
-                f"the model wants float32{list(ref.shape)}"
+                f"its card says {param_dtype}{list(ref.shape)}"
             )
-        leaves.append(jax.numpy.asarray(got[key]))
+        leaves.append(jax.numpy.asarray(got[key], dtype=np.float32))
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def _write_params(params: train_step.Params, npz_path: str) -> str:
-    """Writes float32 parameters to ``npz_path`` (atomically); returns its SHA-256."""
+def stored_params(params: train_step.Params, param_dtype: str) -> train_step.Params:
+    """``params`` as a release stored in ``param_dtype`` gives them back: rounded to it, as float32.
+
+    What to measure before releasing in float16 (``tools.export_pretrained`` does).
+
+    Raises:
+      PretrainedError: an unknown dtype, or a parameter that does not fit in it (naming the parameter).
+    """
+    if param_dtype not in PARAM_DTYPES:
+        raise PretrainedError(f"param_dtype must be one of {PARAM_DTYPES}, got {param_dtype!r}")
+    flat, treedef = _flat(params)
+    leaves = []
+    for key, value in flat.items():
+        value = np.asarray(jax.device_get(value), dtype=np.float32)
+        with np.errstate(over="ignore"):
+            rounded = value.astype(param_dtype)
+        if np.any(np.isfinite(value) & ~np.isfinite(rounded)):
+            raise PretrainedError(
+                f"parameter {key} does not fit in {param_dtype} (largest |value| {np.max(np.abs(value)):.4g}); "
+                "release it in float32"
+            )
+        leaves.append(jax.numpy.asarray(rounded, dtype=np.float32))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _write_params(params: train_step.Params, npz_path: str, param_dtype: str = "float32") -> str:
+    """Writes the parameters to ``npz_path`` in ``param_dtype`` (atomically); returns its SHA-256."""
     os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
-    flat, _ = _flat(params)
-    arrays = {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
+    flat, _ = _flat(stored_params(params, param_dtype))
+    arrays = {k: np.asarray(jax.device_get(v)).astype(param_dtype) for k, v in flat.items()}
     tmp = npz_path + ".tmp.npz"
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, npz_path)
@@ -303,7 +343,7 @@ def load(name_or_path: str, step: int | None = None) -> Trained:
         )
     card = load_card(name_or_path)
     graphdef, like = train_step.init_model(card.config.model, seed=0)
-    params = _read_params(name_or_path, card.sha256, like)
+    params = _read_params(name_or_path, card.sha256, like, card.param_dtype)
     return Trained(config=card.config, graphdef=graphdef, params=params, step=card.step)
 
 
@@ -329,16 +369,20 @@ def save(
     slice_size: int,
     notes: dict[str, Any] | None = None,
     overwrite: bool = False,
+    param_dtype: str = "float32",
 ) -> Card:
-    """Writes ``<path_stem>.npz`` (float32 parameters) and ``<path_stem>.json`` (its card).
+    """Writes ``<path_stem>.npz`` (parameters in ``param_dtype``) and ``<path_stem>.json`` (its card).
 
     Data paths are dropped from the config (they were the trainer's machine's).
+    The bounds given are recorded as the stored parameters' (measure them on
+    ``stored_params(params, param_dtype)``).
 
     Raises:
-      PretrainedError: the files exist and ``overwrite`` is False.
+      PretrainedError: the files exist and ``overwrite`` is False; an unknown
+        ``param_dtype`` or a parameter that does not fit in it.
     """
     card_path, npz_path = _refuse_overwrite(path_stem, overwrite)
-    sha256 = _write_params(trained.params, npz_path)
+    sha256 = _write_params(trained.params, npz_path, param_dtype)
     config = trained.config
     config = dataclasses.replace(
         config, data=dataclasses.replace(config.data, data_dir=None, tfds_data_dir=None)
@@ -352,6 +396,7 @@ def save(
         slice_bound=float(slice_bound),
         slice_size=int(slice_size),
         notes=dict(notes or {}),
+        param_dtype=param_dtype,
     )
     _write_card(card, card_path)
     return card

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 
@@ -179,3 +180,72 @@ def test_the_gpu_session_script_trains_and_releases_a_model(shared_data, tmp_pat
     logged = float(summary.split("step 100  valid bound ")[1].split()[0])
     assert np.isfinite(card.valid_bound) and abs(card.valid_bound - logged) < 1.0  # another eval seed only
     assert "done" in summary.splitlines()[-1]
+
+
+def test_a_float16_release_is_half_the_size_and_loads_as_the_rounded_parameters(tmp_path):
+    trained, stem32 = _released_tiny(tmp_path)
+    stem16 = str(tmp_path / "tiny_float16")
+    card = pretrained.save(
+        trained, stem16, name="t", valid_bound=0, slice_bound=0, slice_size=1, param_dtype="float16"
+    )
+    assert card.param_dtype == "float16" and pretrained.load_card(stem16).param_dtype == "float16"
+    assert pretrained.load_card(stem32).param_dtype == "float32"
+    with np.load(stem16 + ".npz") as stored:
+        assert {stored[k].dtype for k in stored.files} == {np.dtype(np.float16)}
+    assert os.path.getsize(stem16 + ".npz") < 0.6 * os.path.getsize(stem32 + ".npz")
+    loaded = pretrained.load(stem16).params
+    rounded = pretrained.stored_params(trained.params, "float16")
+    for a, r, b in zip(
+        jax.tree.leaves(trained.params), jax.tree.leaves(rounded), jax.tree.leaves(loaded), strict=True
+    ):
+        assert b.dtype == np.float32
+        np.testing.assert_array_equal(b, r)  # what export measures is what users load
+        np.testing.assert_allclose(b, a, rtol=2.0**-11, atol=2.0**-24)  # float16's half an ulp
+    # A card that disagrees with its file about the dtype is refused, naming the file.
+    path = stem16 + ".json"
+    with open(path) as f:
+        text = f.read()
+    with open(path, "w") as f:
+        f.write(text.replace('"param_dtype": "float16"', '"param_dtype": "float32"'))
+    with pytest.raises(pretrained.PretrainedError, match="its card says float32") as e:
+        pretrained.load(stem16)
+    assert stem16 + ".npz" in str(e.value)
+
+
+def test_a_parameter_beyond_float16_is_refused_by_name(tmp_path):
+    trained, _ = _released_tiny(tmp_path)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(trained.params)
+    leaves = [leaf for _, leaf in flat]
+    leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].set(1e5)  # float16's largest is 65504
+    big = jax.tree_util.tree_unflatten(treedef, leaves)
+    with pytest.raises(pretrained.PretrainedError, match="does not fit in float16") as e:
+        pretrained.save(
+            dataclasses.replace(trained, params=big), str(tmp_path / "big"), name="big",
+            valid_bound=0, slice_bound=0, slice_size=1, param_dtype="float16",
+        )  # fmt: skip
+    assert jax.tree_util.keystr(flat[0][0]) in str(e.value)
+    assert not os.path.exists(tmp_path / "big.json")
+    with pytest.raises(pretrained.PretrainedError, match="param_dtype must be one of"):
+        pretrained.save(trained, str(tmp_path / "b"), name="b", valid_bound=0, slice_bound=0,
+                        slice_size=1, param_dtype="bfloat16")  # fmt: skip
+
+
+def test_export_in_float16_gives_the_stored_parameters_bound_and_float32s_beside_it(small_data, tmp_path):
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
+    train_and_evaluate(tiny_config(small_data, num_steps=8, checkpoint_every=8), workdir)
+    export = ("tools.export_pretrained", f"--workdir={workdir}", "--name=tiny16", f"--output_dir={out}",
+              f"--data_dir={small_data}", "--slice_size=50", "--param_dtype=float16")  # fmt: skip
+    # Rounding moves the bound by something; where that is more than allowed, nothing is written.
+    refused = run_cli(*export, "--max_bound_change=0", ok=False)
+    assert refused.returncode != 0 and "--max_bound_change=0.0" in refused.stderr, refused.stderr[-2000:]
+    assert "release it in float32" in refused.stderr and not os.path.exists(out)
+    run_cli(*export, "--max_bound_change=1")
+    card = pretrained.load_card(os.path.join(out, "tiny16"))
+    full, _, stored = card.notes["valid_bound_float32"].partition(" (stored in float16: ")
+    assert card.param_dtype == "float16" and f"{card.valid_bound:.4f}" == stored.rstrip(")")
+    assert 0 < abs(card.valid_bound - float(full)) <= 1
+    # The card's bound is the released parameters': re-measured from the file, it is the same figure.
+    released = pretrained.load(os.path.join(out, "tiny16"))
+    valid = data.load_split("binarized_mnist", "valid", small_data)
+    evaluator = SplitEvaluator(released.graphdef, binary=True, binarize="none", batch_size=100)
+    assert abs(evaluator(released.params, valid.images, seed=0).bound - card.valid_bound) < 1e-4

@@ -4,6 +4,8 @@
 measures the bound on the whole valid split (and on the slice the tests
 re-measure), then writes ``draw_jax/pretrained/<name>.npz`` and ``<name>.json``
 (see ``draw_jax.pretrained``). Existing files are kept unless --overwrite.
+``--param_dtype=float16`` stores the parameters in half the space, where
+rounding moves the valid bound by at most ``--max_bound_change`` nats.
 
 A cluttered-MNIST classifier's workdir (``experiments.classify_cluttered``) is
 released the same way, with ``--data_dir`` the MNIST IDX folder: its card
@@ -41,6 +43,18 @@ flags.DEFINE_integer(
     "the card records the total.",
 )
 
+flags.DEFINE_enum(
+    "param_dtype",
+    "float32",
+    list(pretrained.PARAM_DTYPES),
+    "How the .npz stores the parameters. float16 halves the file; it is refused where rounding "
+    "moves the valid bound by more than --max_bound_change.",
+)
+flags.DEFINE_float(
+    "max_bound_change",
+    0.01,
+    "Nats: how far rounding to --param_dtype may move the valid bound (seed 0) and still count as unchanged.",
+)
 flags.DEFINE_list("test_seeds", ["0", "1", "2"], "A classifier's card: the clutter seeds of its test errors.")
 
 FLAGS = flags.FLAGS
@@ -59,6 +73,8 @@ def export_classifier(notes: dict[str, str]) -> None:
     """Releases a classifier run: valid error (the run's data seed) and test error per --test_seeds."""
     if FLAGS.step is not None:
         raise cli.ConfigError("--step is for DRAW runs; a classifier is released at its latest step")
+    if FLAGS.param_dtype != "float32":
+        raise cli.ConfigError("--param_dtype is for DRAW releases; a classifier is released in float32")
     try:
         seeds = sorted({int(s) for s in FLAGS.test_seeds})
     except ValueError as e:
@@ -105,6 +121,8 @@ def main(argv: list[str]) -> None:
         notes[key] = value
     if FLAGS.previous_steps < 0:
         raise cli.ConfigError(f"--previous_steps must be >= 0, got {FLAGS.previous_steps}")
+    if FLAGS.max_bound_change < 0:
+        raise cli.ConfigError(f"--max_bound_change must be >= 0, got {FLAGS.max_bound_change}")
     if _is_classifier_run(FLAGS.workdir):
         export_classifier(notes)
         return
@@ -127,7 +145,20 @@ def main(argv: list[str]) -> None:
         )
         return evaluator(trained.params, images, seed=0)
 
+    if FLAGS.param_dtype != "float32":  # the card's figures are the stored parameters'
+        full = bound(split.images).bound
+        trained = dataclasses.replace(
+            trained, params=pretrained.stored_params(trained.params, FLAGS.param_dtype)
+        )
     whole = bound(split.images, FLAGS.num_importance_samples)
+    if FLAGS.param_dtype != "float32":
+        if abs(whole.bound - full) > FLAGS.max_bound_change:
+            raise cli.ConfigError(
+                f"--param_dtype={FLAGS.param_dtype} moves the valid bound from {full:.4f} to "
+                f"{whole.bound:.4f} nats, more than --max_bound_change={FLAGS.max_bound_change}; "
+                "release it in float32"
+            )
+        notes["valid_bound_float32"] = f"{full:.4f} (stored in {FLAGS.param_dtype}: {whole.bound:.4f})"
     part = bound(split.images[: FLAGS.slice_size])
     if whole.iwae is not None:
         notes[f"valid_iwae_k{whole.num_importance_samples}"] = f"{whole.iwae:.2f}"
@@ -141,6 +172,7 @@ def main(argv: list[str]) -> None:
         slice_size=FLAGS.slice_size,
         notes=notes,
         overwrite=FLAGS.overwrite,
+        param_dtype=FLAGS.param_dtype,
     )
     print(
         f"released {FLAGS.name}: step {card.step}, valid bound {card.valid_bound:.2f} nats "
