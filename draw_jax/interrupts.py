@@ -70,6 +70,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
     Only where SIGTERM has its default action (a program that installed its own
     handler keeps it) and only in the main thread (where Python runs handlers).
+    Under ``exit_promptly`` it already raises ``Terminated`` whenever the prompt
+    exit is suspended, so this block changes nothing there.
     """
     if not _in_main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
@@ -138,6 +140,11 @@ class _PromptExit:
     def _disarm(self) -> None:
         signal.set_wakeup_fd(-1)
         for s, previous in self._previous.items():
+            # Never SIGTERM's default action, even for an instant: it kills the process with no
+            # message, and a signal may arrive before the caller installs its own handler
+            # (``as_exceptions``, ``recorded``). Until then, SIGTERM raises ``Terminated``.
+            if s == signal.SIGTERM and previous is signal.SIG_DFL:
+                previous = _raise_terminated
             signal.signal(s, previous)
         self._previous = {}
 

@@ -93,3 +93,32 @@ def test_twenty_random_moments_no_crash_and_the_last_checkpoint_restores(small_d
             with Checkpointer(str(folder), read_only=True) as ckpt:  # every kept checkpoint verifies
                 for step in ckpt.all_steps():
                     assert verify(ckpt.step_directory(step))
+
+
+def test_sigterm_never_passes_through_its_default_action_between_the_loops_handlers():
+    # SIGTERM's default action kills the process with no message. A command under
+    # exit_promptly hands SIGTERM to the loop's handlers around every step and save
+    # (as_exceptions, recorded, deferred) and back: at no moment in between may it be at
+    # its default action, or a scheduler's SIGTERM at that instant ends the run unannounced.
+    script = """
+import signal
+from draw_jax import interrupts
+installed, real = [], signal.signal
+def spy(sig, handler):
+    if sig == signal.SIGTERM:
+        installed.append(handler)
+    return real(sig, handler)
+signal.signal = spy
+interrupts.exit_promptly("bye")
+for _ in range(2):
+    with interrupts.as_exceptions():
+        with interrupts.deferred():
+            pass
+    with interrupts.recorded():
+        pass
+print(len(installed), sum(h is signal.SIG_DFL for h in installed))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    changes, at_default = map(int, out.stdout.split())
+    assert changes >= 8 and at_default == 0
