@@ -12,10 +12,25 @@ import pytest
 DATA_ENV = "DRAW_JAX_SHARED_DATA"
 CACHE_ENV = "JAX_COMPILATION_CACHE_DIR"
 _MADE_CACHE = pytest.StashKey[str]()
+# LLVM's optimisation of the compiled code, off: see pytest_configure.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+
+
+def with_xla_flags(*flags: str) -> str:
+    """``$XLA_FLAGS`` with ``flags`` added: what a subprocess of the tests is given (a test that
+    needs, say, several host devices adds its flag without dropping the tests' own)."""
+    return " ".join([os.environ.get("XLA_FLAGS", ""), *flags]).strip()
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """One persistent JAX compilation cache for the whole test run.
+    """Compiling fast, and one persistent JAX compilation cache for the whole test run.
+
+    The tests' models are tiny, so XLA's compile time, not running, is most of
+    their time. XLA still optimises each program as always (the same HLO,
+    fusions and layouts); only LLVM's passes over the machine code are off
+    (``--xla_backend_optimization_level=0``, unless ``$XLA_FLAGS`` sets the level),
+    which halves the compile time and leaves the results equal to float
+    rounding. Speed is measured by ``experiments.benchmark``, never here.
 
     Dozens of tests (and the commands they start as subprocesses) compile the
     same tiny train and eval steps; a cache hit loads one in ~2 s instead of
@@ -26,6 +41,8 @@ def pytest_configure(config: pytest.Config) -> None:
     Cached executables are XLA's own serialised ones: the same programs, the
     same results.
     """
+    if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = with_xla_flags(FAST_COMPILE)
     if CACHE_ENV not in os.environ and not hasattr(config, "workerinput"):
         os.environ[CACHE_ENV] = config.stash[_MADE_CACHE] = tempfile.mkdtemp(
             prefix="draw_jax_tests_jax_cache_"
