@@ -1,11 +1,18 @@
-"""Pictures: attention boxes land on their own example's cell, where the window is."""
+"""Pictures: attention boxes land on their own example's cell, where the window is; curve plots refuse bad data."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from draw_jax import pictures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("ncols", [1, 2, 3])
@@ -45,3 +52,25 @@ def test_colour_pictures_keep_their_colours():
     np.testing.assert_array_equal(frames[1][1, 1], [255, 0, 0])
     grey = pictures.grid(np.full((1, 4, 4, 1), 0.5, np.float32))
     assert np.all(grey[1:5, 1:5] == grey[1, 1, 0])  # R = G = B
+
+
+def test_a_curve_whose_steps_and_bounds_differ_in_length_is_refused_by_name(tmp_path):
+    curves = tmp_path / "curves.json"
+    curves.write_text(json.dumps([{"label": "stage 9", "steps": [1000, 2000, 3000], "bounds": [90.1, 89.7]}]))
+    out = tmp_path / "curves.png"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tools.plot_curves",
+            f"--curves={curves}",
+            f"--output={out}",
+            "--min_step=2000",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0
+    assert "'stage 9'" in proc.stderr and "3 steps but 2 bounds" in proc.stderr
+    assert "Traceback" not in proc.stderr and not out.exists()
