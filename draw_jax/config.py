@@ -80,6 +80,11 @@ class DrawConfig:
     T: int = setting(64, "Glimpses / canvas updates.")
     enc_size: int = setting(256, "Encoder LSTM size.")
     dec_size: int = setting(256, "Decoder LSTM size.")
+    peepholes: bool = setting(
+        False,
+        "Peephole connections in both LSTMs (the cell state feeding the gates, as in Blocks' LSTM); "
+        "the paper does not say, the TensorFlow ports have none.",
+    )
     z_size: int = setting(100, "Latent size per step.")
     read_n: int = setting(2, "Read glimpse size n (an n x n grid of filters).")
     write_n: int = setting(5, "Write patch size n.")

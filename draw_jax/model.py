@@ -12,6 +12,7 @@ All randomness comes in as explicit keys.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -123,10 +124,24 @@ class LSTMCell(nnx.Module):
 
     The forget-gate bias starts at 1 (as TensorFlow's LSTM cells that the DRAW
     ports use); the paper does not specify its LSTM initialisation.
+
+    ``peepholes=True`` adds peephole connections (Gers & Schmidhuber 2000, the
+    LSTM of Graves 2013 and of Blocks): the input and forget gates also see
+    the previous cell state, the output gate the new one, each through its own
+    diagonal weights (``cell_to_in``, ``cell_to_forget``, ``cell_to_out``
+    [hidden]), which start at zero, so a new peephole cell computes what the
+    plain one does.
     """
 
-    def __init__(self, in_size: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self, in_size: int, hidden: int, *, dtype: jnp.dtype, rngs: nnx.Rngs, peepholes: bool = False
+    ) -> None:
         self.hidden = hidden
+        self.peepholes = peepholes
+        if peepholes:
+            self.cell_to_in = nnx.Param(jnp.zeros((hidden,), jnp.float32))
+            self.cell_to_forget = nnx.Param(jnp.zeros((hidden,), jnp.float32))
+            self.cell_to_out = nnx.Param(jnp.zeros((hidden,), jnp.float32))
         bias = jnp.zeros((4 * hidden,), jnp.float32).at[hidden : 2 * hidden].set(1.0)
         self.gates = nnx.Linear(
             in_size + hidden,
@@ -162,7 +177,12 @@ class LSTMCell(nnx.Module):
             gates = gates + fixed_gates
         gates = checkpoint_name(gates, LSTM_GATES)  # what the backward pass keeps (see DRAW)
         i, f, g, o = jnp.split(gates, 4, axis=-1)
+        if self.peepholes:
+            i = i + self.cell_to_in[...] * cell
+            f = f + self.cell_to_forget[...] * cell
         cell = jax.nn.sigmoid(f) * cell + jax.nn.sigmoid(i) * jnp.tanh(g)
+        if self.peepholes:
+            o = o + self.cell_to_out[...] * cell
         h = jax.nn.sigmoid(o) * jnp.tanh(cell)
         return h, cell
 
@@ -212,8 +232,9 @@ class DRAW(nnx.Module):
                 i, o, dtype=dtype, param_dtype=jnp.float32, dot_general=dot_general_f32, rngs=rngs
             )
 
-        self.encoder = LSTMCell(cfg.read_size + cfg.dec_size, cfg.enc_size, dtype=dtype, rngs=rngs)
-        self.decoder = LSTMCell(cfg.z_size, cfg.dec_size, dtype=dtype, rngs=rngs)
+        lstm = functools.partial(LSTMCell, dtype=dtype, rngs=rngs, peepholes=cfg.peepholes)
+        self.encoder = lstm(cfg.read_size + cfg.dec_size, cfg.enc_size)
+        self.decoder = lstm(cfg.z_size, cfg.dec_size)
         self.to_mu = linear(cfg.enc_size, cfg.z_size)
         self.to_logsigma = linear(cfg.enc_size, cfg.z_size)
 

@@ -37,6 +37,7 @@ VARIANTS = {
     "no_attention": dataclasses.replace(SMALL, read_attention=False, write_attention=False),
     "read_only": dataclasses.replace(SMALL, write_attention=False),
     "colour": dataclasses.replace(SMALL, channels=3),
+    "peepholes": dataclasses.replace(SMALL, peepholes=True),
 }
 
 
@@ -249,9 +250,13 @@ def paper_forward(params, cfg: DrawConfig, x, eps):
 
     def lstm(cell, inp, state):  # gates i, f, g, o from one affine map of [input, h]
         hid, c = state
-        gates = params[cell]["gates"]
+        gates, p = params[cell]["gates"], params[cell]
         i, f, g, o = jnp.split(jnp.concatenate([inp, hid], -1) @ gates["kernel"] + gates["bias"], 4, -1)
+        if cfg.peepholes:  # Gers & Schmidhuber 2000: i and f see c_{t-1}, o sees c_t
+            i, f = i + p["cell_to_in"] * c, f + p["cell_to_forget"] * c
         c = sig(f) * c + sig(i) * jnp.tanh(g)
+        if cfg.peepholes:
+            o = o + p["cell_to_out"] * c
         return sig(o) * jnp.tanh(c), c
 
     canvas = jnp.broadcast_to(params["canvas0"][..., 0], (b, h, w))
@@ -284,7 +289,7 @@ def paper_forward(params, cfg: DrawConfig, x, eps):
     return jnp.stack(canvases), jnp.stack(mus), jnp.stack(logsigmas)
 
 
-@pytest.mark.parametrize("name", ["attention", "no_attention", "read_only"])
+@pytest.mark.parametrize("name", ["attention", "no_attention", "read_only", "peepholes"])
 def test_module_equals_the_papers_equations_written_out(name):
     # The scanned module and a forward pass written directly from eq. 3-8
     # (own filterbanks from eq. 19-26, own LSTM, own loop) agree step by
@@ -329,3 +334,18 @@ def test_pixels_outside_0_1_or_nan_are_refused_from_the_host(bad, message):
     # Binary and boolean images, and values at the ends of [0, 1], are fine.
     for ok in (np.ones((2, 12, 10, 1), np.uint8), np.zeros((2, 12, 10, 1), bool), good):
         assert np.isfinite(float(draw_bound(model(ok, key), ok).loss))
+
+
+def test_a_new_peephole_model_computes_what_the_plain_one_does():
+    # Peephole weights start at zero and take no random draws, so with one
+    # seed the two models share every other parameter and agree exactly; the
+    # plain model's parameters are the peephole model's minus the peepholes.
+    plain, peep = SMALL, dataclasses.replace(SMALL, peepholes=True)
+    (g_plain, p_plain), (g_peep, p_peep) = (train_step.init_model(c, seed=4) for c in (plain, peep))
+    names = {cell: set(p_peep[cell]) - set(p_plain[cell]) for cell in ("encoder", "decoder")}
+    assert names == {cell: {"cell_to_in", "cell_to_forget", "cell_to_out"} for cell in names}
+    x, key = batch(SMALL), jax.random.key(5)
+    out_plain = train_step.apply_model(g_plain, p_plain)(x, key)
+    out_peep = train_step.apply_model(g_peep, p_peep)(x, key)
+    for a, b in zip(jax.tree.leaves(out_plain), jax.tree.leaves(out_peep), strict=True):
+        np.testing.assert_array_equal(a, b)
