@@ -39,6 +39,9 @@
 #     --kl_warmup_steps=0 --warmup_steps=200 --lr_schedule=cosine" TRAIN_LR=2e-3 TRAIN_BATCH=100 \
 #     PREVIOUS_STEPS=24000 DATA=.device/data/mnist RELEASE_NAME=mnist_two_digits_attention_gpu \
 #     STAGES="train release" TRAIN_STEPS=... bash tools/gpu_session.sh
+# A peephole model from scratch (the attention run's next question; see
+# BUILD_NOTES, "What next"), its schedule as long as the time allows:
+#   TRAIN_FLAGS="--peepholes" RELEASE_NAME=binarized_mnist_attention_peepholes_gpu bash tools/gpu_session.sh
 # Budget: three benchmark runs of about a minute each, then about 4 minutes of
 # training, evaluation and release, inside the 560 s asked for above; with the
 # machine's start that is ~11 of the 15 device minutes, so a retry can only be
