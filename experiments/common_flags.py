@@ -21,7 +21,7 @@ flags.DEFINE_string(
     + ") or .npz path.",
 )
 flags.DEFINE_integer("step", None, "Checkpoint step of --workdir (default: the latest).")
-flags.DEFINE_string("split", "valid", "Split to use: valid or test.")
+flags.DEFINE_string("split", "valid", "Split to use: valid, test or train.")
 flags.DEFINE_integer("seed", 0, "Seed of every random draw; results are deterministic given it.")
 DATA_SETTINGS = cli.define_config_flags(
     ["dataset", "data_dir", "tfds_data_dir", "binarize"], defaults_from="none"
