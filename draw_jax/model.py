@@ -414,19 +414,24 @@ class DRAW(nnx.Module):
             carry[0], steps.canvas, steps.mu, steps.logsigma, steps.read_window, steps.write_window, log_scale
         )
 
-    def generate(self, key: jax.Array, num_samples: int) -> Generation:
+    def generate(self, key: jax.Array, num_samples: int, temperature: float = 1.0) -> Generation:
         """Draws images from the prior: z_t ~ N(0, I), decoder and write only (sec. 2.3).
 
         Args:
           key: PRNG key for the T x num_samples latent draws.
           num_samples: b.
+          temperature: z_t ~ N(0, temperature^2 I) instead. 1 is the prior itself
+            (the paper's samples); below 1 keeps the draws nearer the prior's
+            centre (as Glow and NVAE sample), 0 gives one image.
 
         Returns:
           ``Generation`` with canvases [T, b, h, w, c] (logits; apply sigmoid for
           pixel means) and the write windows.
         """
         cfg = self.config
-        z = jax.random.normal(key, (cfg.T, num_samples, cfg.z_size), jnp.float32)
+        if not isinstance(temperature, jax.core.Tracer) and not temperature >= 0:
+            raise ValueError(f"the sampling temperature must be >= 0, got {temperature}")
+        z = temperature * jax.random.normal(key, (cfg.T, num_samples, cfg.z_size), jnp.float32)
         canvas, _, _, h_dec, cell_dec = self.initial_carry(num_samples)
 
         def body(carry, z_t):

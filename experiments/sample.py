@@ -2,7 +2,8 @@
 
 ``python -m experiments.sample --workdir=W --output_dir=DIR`` (or ``--pretrained=NAME``
 instead of ``--workdir``) writes:
-  samples.png                  a grid of samples from the prior (sigmoid(c_T))
+  samples.png                  a grid of samples from the prior (sigmoid(c_T);
+                               --temperature below 1 draws z nearer the prior's centre)
   samples_over_time.png        rows: samples; columns: sigmoid(c_t) over t
   generation.gif               generation step by step, write window as a box
   reconstructions_over_time.png  the same for held-out images (--split)
@@ -28,6 +29,11 @@ from experiments import cli, common_flags
 flags.DEFINE_string("output_dir", None, "Where the pictures go.", required=True)
 flags.DEFINE_integer("num_samples", 64, "Samples in samples.png.")
 flags.DEFINE_integer("num_animated", 16, "Examples in each GIF and strip.")
+flags.DEFINE_float(
+    "temperature",
+    1.0,
+    "Samples take z_t ~ N(0, temperature^2 I): 1 is the prior (the paper's samples), below 1 nearer its centre.",
+)
 flags.DEFINE_bool("overwrite", False, "Replace pictures already in --output_dir.")
 
 flags.adopt_module_key_flags(common_flags)  # its flags show in --help
@@ -66,6 +72,8 @@ def main(argv: list[str]) -> None:
     for name in ("num_samples", "num_animated"):
         if getattr(FLAGS, name) < 1:
             raise cli.ConfigError(f"--{name} must be >= 1, got {getattr(FLAGS, name)}")
+    if not FLAGS.temperature >= 0:
+        raise cli.ConfigError(f"--temperature must be >= 0, got {FLAGS.temperature}")
     out_dir = FLAGS.output_dir
     cli.check_folder("output_dir", out_dir)
     existing = [f for f in OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
@@ -85,8 +93,13 @@ def main(argv: list[str]) -> None:
 
     # Samples from the prior.
     num = max(FLAGS.num_samples, FLAGS.num_animated)
-    logging.info("generating %d samples from the prior (%d steps; compiling first)", num, cfg.T)
-    gen = jax.jit(model.generate, static_argnums=1)(gen_key, num)
+    logging.info(
+        "generating %d samples from the prior at temperature %g (%d steps; compiling first)",
+        num,
+        FLAGS.temperature,
+        cfg.T,
+    )
+    gen = jax.jit(model.generate, static_argnums=1)(gen_key, num, FLAGS.temperature)
     means = np.asarray(jax.nn.sigmoid(gen.canvases))  # [T, m, h, w, c]
     wrote(
         pictures.save_png(os.path.join(out_dir, "samples.png"), pictures.grid(means[-1, : FLAGS.num_samples]))

@@ -169,6 +169,23 @@ def test_generation_uses_decoder_and_canvas_only():
     np.testing.assert_allclose(gen(shifted), gen(params) + 1.5, rtol=1e-5, atol=1e-5)
 
 
+def test_sampling_temperature_scales_the_prior_draws():
+    # z_t ~ N(0, temperature^2 I): 1 is the prior, 0 one image whatever the key, and
+    # near 0 the samples move linearly in the temperature (z is scaled by it, not by its square).
+    model = DRAW(SMALL, rngs=nnx.Rngs(0))
+    gen = jax.jit(lambda k, t: model.generate(k, 3, t).canvases)
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    np.testing.assert_array_equal(gen(k1, 1.0), jax.jit(lambda k: model.generate(k, 3).canvases)(k1))
+    zero = gen(k1, 0.0)
+    np.testing.assert_array_equal(zero, gen(k2, 0.0))
+    np.testing.assert_array_equal(zero, jnp.broadcast_to(zero[:, :1], zero.shape))
+    small, double = gen(k1, 1e-3) - zero, gen(k1, 2e-3) - zero
+    assert float(jnp.abs(small).max()) > 1e-5
+    np.testing.assert_allclose(double, 2 * small, rtol=0.02, atol=1e-6)
+    with pytest.raises(ValueError, match=r"temperature must be >= 0, got -0\.5"):
+        model.generate(k1, 3, -0.5)
+
+
 def test_initial_window_tiles_the_image():
     # The window layers start (bias) on a grid tiling the image evenly: centred,
     # stride max(h, w) / n, first filter half a stride in from the edge.

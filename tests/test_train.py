@@ -104,7 +104,7 @@ def test_train_command_writes_everything_then_evaluate_and_sample(small_data, tm
     )
     for phase in (
         "loaded the model of",
-        "generating 9 samples from the prior (4 steps",
+        "generating 9 samples from the prior at temperature 1 (4 steps",
         "reconstructing 4 valid",
     ):
         assert phase in sampled.stderr, sampled.stderr
@@ -122,6 +122,11 @@ def test_train_command_writes_everything_then_evaluate_and_sample(small_data, tm
     refused = run_cli("experiments.sample", f"--workdir={workdir}", f"--output_dir={pics}", ok=False)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr and "Traceback" not in refused.stderr
     assert open(f"{pics}/samples.png", "rb").read() == before
+    cold = run_cli(
+        "experiments.sample", f"--workdir={workdir}", f"--output_dir={pics}", "--temperature=-1", ok=False
+    )
+    assert cold.returncode == 2 and "--temperature must be >= 0, got -1" in cold.stderr
+    assert "Traceback" not in cold.stderr
 
 
 @pytest.mark.parametrize("device_data,ema_decay", [(False, 0.0), (True, 0.9)])

@@ -15,7 +15,8 @@ training resumes from its checkpoints, saved every 1,000 steps) and prints the s
 test images with two confident digits, for two-digit and for one-digit
 images. ``--model=NAME_OR_WORKDIR`` (a released DRAW or a training run of
 ``mnist_two_digits``) adds the share for ``--num_samples`` samples from it
-(the canvas means sigmoid(c_T), grey like the real images). Each call writes
+(the canvas means sigmoid(c_T), grey like the real images; ``--temperature`` below 1
+draws them nearer the prior's centre). Each call writes
 ``<workdir>/report[_<model>].json``.
 
 Beside the counter, the layout of the ink, for real images and samples alike:
@@ -61,6 +62,7 @@ def define_flags() -> None:
     )
     flags.DEFINE_string("model", None, "A released DRAW model or a workdir of mnist_two_digits to sample.")
     flags.DEFINE_integer("num_samples", 1000, "Samples drawn from --model.")
+    flags.DEFINE_float("temperature", 1.0, "Sampling temperature of --model (1: its prior).")
     flags.DEFINE_integer("seed", 0, "Seed of the counter's training and of the samples.")
 
 
@@ -263,8 +265,9 @@ def load_or_train(workdir: str, data_dir: str, num_steps: int, seed: int) -> Cou
     return model
 
 
-def samples(name_or_workdir: str, num: int, seed: int) -> np.ndarray:
-    """float [num, 60, 60, 1]: sigmoid(c_T) of ``num`` samples from the prior of a DRAW model."""
+def samples(name_or_workdir: str, num: int, seed: int, temperature: float = 1.0) -> np.ndarray:
+    """float [num, 60, 60, 1]: sigmoid(c_T) of ``num`` samples from the prior of a DRAW model
+    (at ``temperature``, as ``DRAW.generate``)."""
     trained = pretrained.load(name_or_workdir)
     shape = trained.config.model.image_shape
     if tuple(shape) != (two_digits.CANVAS, two_digits.CANVAS, 1):
@@ -274,7 +277,7 @@ def samples(name_or_workdir: str, num: int, seed: int) -> np.ndarray:
     from draw_jax import train_step
 
     model = train_step.apply_model(trained.graphdef, trained.params)
-    generate = jax.jit(lambda key: jax.nn.sigmoid(model.generate(key, 100).canvases[-1]))
+    generate = jax.jit(lambda key: jax.nn.sigmoid(model.generate(key, 100, temperature).canvases[-1]))
     keys = jax.random.split(jax.random.key(seed), -(-num // 100))
     return np.concatenate([np.asarray(generate(k)) for k in keys])[:num]
 
@@ -296,12 +299,15 @@ def main(argv: list[str]) -> None:
     if FLAGS.model:
         report["model"] = FLAGS.model
         report["num_samples"] = FLAGS.num_samples
-        drawn = samples(FLAGS.model, FLAGS.num_samples, FLAGS.seed)
+        report["temperature"] = FLAGS.temperature
+        drawn = samples(FLAGS.model, FLAGS.num_samples, FLAGS.seed, FLAGS.temperature)
         report["samples_share"] = share_of_two(counter, drawn, FLAGS.confidence)
         report.update({f"samples_{k}": v for k, v in layout(drawn).items()})
     for key, value in report.items():
         print(f"{key:<34}{value:.4f}" if isinstance(value, float) else f"{key:<34}{value}")
     stem = "report" + (f"_{os.path.basename(os.path.normpath(FLAGS.model))}" if FLAGS.model else "")
+    if FLAGS.model and FLAGS.temperature != 1:
+        stem += f"_temperature_{FLAGS.temperature:g}"
     with open(os.path.join(FLAGS.workdir, f"{stem}.json"), "w") as f:
         json.dump(report, f, indent=2)
 
