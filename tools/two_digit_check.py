@@ -285,6 +285,8 @@ def samples(name_or_workdir: str, num: int, seed: int, temperature: float = 1.0)
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if not FLAGS.temperature >= 0:
+        raise app.UsageError(f"--temperature must be >= 0, got {FLAGS.temperature}")
     os.makedirs(FLAGS.workdir, exist_ok=True)
     counter = load_or_train(FLAGS.workdir, FLAGS.data_dir, FLAGS.num_steps, FLAGS.seed)
     test = labelled_split("test", FLAGS.data_dir)
