@@ -182,7 +182,9 @@ def test_a_signal_to_every_process_stops_the_run_as_one_and_it_resumes_in_the_sa
     # ends with the one-line message, as one process does, and the same command resumes, in
     # the same layout, the run an uninterrupted one would be. Here process 0 gets SIGINT and
     # process 1 SIGTERM: each only records its signal, the processes agree to stop at one
-    # step, and both end as the stronger signal says (SIGTERM, exit 143).
+    # step, and both end as one signal says: the stronger (SIGTERM, exit 143) where the
+    # agreement saw both, SIGINT (130) where process 1 had already sent its part of the
+    # agreement when its SIGTERM came (the two signals leave here microseconds apart).
     cut = str(tmp_path / "cut")
     address = f"127.0.0.1:{free_port()}"
     args = [
@@ -210,11 +212,13 @@ def test_a_signal_to_every_process_stops_the_run_as_one_and_it_resumes_in_the_sa
             if p.poll() is None:
                 p.kill()
             p.wait()
-    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, [e[-2000:] for e in errs]
+    codes = [p.returncode for p in procs]
+    assert codes in ([128 + signal.SIGTERM] * 2, [128 + signal.SIGINT] * 2), [e[-2000:] for e in errs]
+    said = "stopped by SIGTERM" if codes[0] == 128 + signal.SIGTERM else "interrupted after"
     for err in errs:
         assert "Traceback" not in err and "Fatal Python error" not in err, err[-3000:]
         message = " ".join(err.split())
-        assert "stopped by SIGTERM" in message and "run the same command to resume" in message, err[-2000:]
+        assert said in message and "run the same command to resume" in message, err[-2000:]
     resumed = run_processes([*train_args(small_data, cut, 60), *SIGNAL_RUN], 2)
     assert [r.returncode for r in resumed] == [0, 0], [r.stderr[-3000:] for r in resumed]
     assert "resumed from" in resumed[0].stderr
