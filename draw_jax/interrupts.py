@@ -25,8 +25,11 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
+import numpy as np
+
 __all__ = [
     "Terminated",
+    "agree",
     "as_exceptions",
     "deferred",
     "describe",
@@ -213,6 +216,24 @@ def recorded() -> Iterator[list[signal.Signals]]:
             signal.signal(s, handler)
         if _prompt is not None:
             _prompt.resume()
+
+
+def agree(
+    received: list[signal.Signals], due: bool, gather: Callable[[np.ndarray], np.ndarray]
+) -> tuple[signal.Signals | None, bool]:
+    """What the processes of one run agree on after a call: the signal to stop on, and
+    whether a save is due.
+
+    ``received``: the signals this process recorded (``recorded``); ``due``: whether its
+    own clock says a timed checkpoint is due; ``gather``: an all-gather over the processes,
+    [2] int32 -> [processes, 2] (``multihost_utils.process_allgather``). Returns the
+    strongest signal any process recorded (SIGTERM over SIGINT: a scheduler's stop outranks
+    a Ctrl-C) or None, and whether any process's clock is due, the same on every process.
+    """
+    mine = np.array([max(map(int, received), default=0), int(due)], np.int32)
+    every = np.asarray(gather(mine)).reshape(-1, 2)
+    strongest = int(every[:, 0].max())
+    return (signal.Signals(strongest) if strongest else None), bool(every[:, 1].max())
 
 
 def prompt_exit_active() -> bool:

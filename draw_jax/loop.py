@@ -231,11 +231,6 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
         hold = interrupts.recorded if several else interrupts.as_exceptions
         pending: list[signal.Signals] = []
 
-        def agree(received: list[signal.Signals], due: bool) -> tuple[int, bool]:
-            mine = np.array([max(map(int, received), default=0), int(due)], np.int32)
-            every = np.asarray(multihost_utils.process_allgather(mine))
-            return int(every[..., 0].max()), bool(every[..., 1].max())
-
         try:
             while step < sched.num_steps:
                 t0 = time.time()
@@ -276,7 +271,9 @@ def run(task: Task, workdir: str) -> dict[str, Any]:
                     minutes = sched.checkpoint_minutes
                     due = minutes > 0 and time.time() - t_saved >= 60 * minutes
                     if several and compiled:
-                        stop, due = agree(pending + (got or []), due)
+                        stop, due = interrupts.agree(
+                            pending + (got or []), due, multihost_utils.process_allgather
+                        )
                         if stop:
                             raise interrupts.Terminated() if stop == signal.SIGTERM else KeyboardInterrupt()
                     if _crossed(prev, step, sched.checkpoint_every) or last or due:

@@ -9,8 +9,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import pytest
 
 from draw_jax.checkpoint import Checkpointer, verify
@@ -122,3 +124,41 @@ print(len(installed), sum(h is signal.SIG_DFL for h in installed))
     assert out.returncode == 0, out.stderr[-2000:]
     changes, at_default = map(int, out.stdout.split())
     assert changes >= 8 and at_default == 0
+
+
+def agree_among(*reports: tuple[list[signal.Signals], bool]) -> list:
+    """``interrupts.agree`` in one thread per process, each with its own (signals, due), over
+    an all-gather between the threads: what each process leaves the agreement with."""
+    from draw_jax import interrupts
+
+    rows: list = [None] * len(reports)
+    barrier = threading.Barrier(len(reports), timeout=10)
+
+    def process(i: int):
+        def all_gather(mine: np.ndarray) -> np.ndarray:
+            rows[i] = mine
+            barrier.wait()
+            return np.stack(rows)
+
+        got, due = reports[i]
+        return interrupts.agree(got, due, all_gather)
+
+    with concurrent.futures.ThreadPoolExecutor(len(reports)) as pool:
+        return list(pool.map(process, range(len(reports))))
+
+
+@pytest.mark.parametrize(
+    "reports, stop, due",
+    [
+        ([([], False), ([], False)], None, False),  # nothing happened: train on
+        ([([signal.SIGINT], False), ([], False)], signal.SIGINT, False),  # Ctrl-C reached one process
+        ([([signal.SIGINT], False), ([signal.SIGTERM], False)], signal.SIGTERM, False),  # the stronger wins
+        ([([signal.SIGTERM, signal.SIGINT], False), ([], False)], signal.SIGTERM, False),  # in either order
+        ([([], True), ([], False)], None, True),  # one process's clock says a save is due
+        ([([], False), ([signal.SIGINT], True), ([], False)], signal.SIGINT, True),
+    ],
+)
+def test_the_processes_of_a_run_agree_on_the_strongest_signal_and_on_any_due_save(reports, stop, due):
+    # A run of several processes stops at one step on one signal, and saves at one step:
+    # every process leaves the agreement with the same answer, whatever it saw itself.
+    assert agree_among(*reports) == [(stop, due)] * len(reports)

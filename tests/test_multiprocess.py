@@ -184,7 +184,8 @@ def test_a_signal_to_every_process_stops_the_run_as_one_and_it_resumes_in_the_sa
     # process 1 SIGTERM: each only records its signal, the processes agree to stop at one
     # step, and both end as one signal says: the stronger (SIGTERM, exit 143) where the
     # agreement saw both, SIGINT (130) where process 1 had already sent its part of the
-    # agreement when its SIGTERM came (the two signals leave here microseconds apart).
+    # agreement when its SIGTERM came (the two signals leave here microseconds apart; the
+    # rule itself is pinned in test_interrupts without the race).
     cut = str(tmp_path / "cut")
     address = f"127.0.0.1:{free_port()}"
     args = [
