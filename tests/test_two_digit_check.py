@@ -155,7 +155,7 @@ def test_the_released_model_redraws_each_real_pair_nearer_to_it_than_to_any_othe
     # as that pair, in its place in the batch.
     source = data.load_split("mnist", "test", mnist_dir)
     pairs = two_digits.make(source.images, "test").images[:150]
-    redrawn = check.reconstructions("mnist_two_digits_attention", pairs, seed=0)
+    redrawn = check.reconstructions(check.load_draw("mnist_two_digits_attention"), pairs, seed=0)
     assert redrawn.shape == (150, two_digits.CANVAS, two_digits.CANVAS, 1)
     assert redrawn.min() >= 0 and redrawn.max() <= 1
     real = pairs.reshape(150, -1).astype(np.float32) / 255

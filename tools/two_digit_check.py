@@ -17,7 +17,7 @@ images. ``--model=NAME_OR_WORKDIR`` (a released DRAW or a training run of
 ``mnist_two_digits``) adds the share for ``--num_samples`` samples from it
 (the canvas means sigmoid(c_T), grey like the real images; ``--temperature`` below 1
 draws them nearer the prior's centre) and, at temperature 1, for its reconstructions of as
-many real test pairs: the same renderer fed z_t from the posterior, so that the gap between
+many real test pairs (at most the 10,000): the same renderer fed z_t from the posterior, so that the gap between
 the two is the prior's and not the counter's reading of DRAW's strokes. Each call writes
 ``<workdir>/report[_<model>].json``.
 
@@ -267,7 +267,7 @@ def load_or_train(workdir: str, data_dir: str, num_steps: int, seed: int) -> Cou
     return model
 
 
-def _draw(name_or_workdir: str):
+def load_draw(name_or_workdir: str):
     """The DRAW module of ``--model``, refused by name unless it makes 60 x 60 x 1 images."""
     trained = pretrained.load(name_or_workdir)
     shape = trained.config.model.image_shape
@@ -280,20 +280,18 @@ def _draw(name_or_workdir: str):
     return train_step.apply_model(trained.graphdef, trained.params)
 
 
-def samples(name_or_workdir: str, num: int, seed: int, temperature: float = 1.0) -> np.ndarray:
-    """float [num, 60, 60, 1]: sigmoid(c_T) of ``num`` samples from the prior of a DRAW model
-    (at ``temperature``, as ``DRAW.generate``)."""
-    model = _draw(name_or_workdir)
+def samples(model, num: int, seed: int, temperature: float = 1.0) -> np.ndarray:
+    """float [num, 60, 60, 1]: sigmoid(c_T) of ``num`` samples from the prior of a DRAW module
+    (``load_draw``; at ``temperature``, as ``DRAW.generate``)."""
     generate = jax.jit(lambda key: jax.nn.sigmoid(model.generate(key, 100, temperature).canvases[-1]))
     keys = jax.random.split(jax.random.key(seed), -(-num // 100))
     return np.concatenate([np.asarray(generate(k)) for k in keys])[:num]
 
 
-def reconstructions(name_or_workdir: str, images: np.ndarray, seed: int) -> np.ndarray:
-    """float [m, 60, 60, 1]: sigmoid(c_T) of a DRAW model's reconstructions of uint8 ``images``
+def reconstructions(model, images: np.ndarray, seed: int) -> np.ndarray:
+    """float [m, 60, 60, 1]: sigmoid(c_T) of a DRAW module's reconstructions of uint8 ``images``
     [m, 60, 60, 1], each binarised once (a Bernoulli draw, as the model trains) and encoded with
     z_t drawn from its posterior: the counter's figure on pictures the model draws from a real pair."""
-    model = _draw(name_or_workdir)
     rng = np.random.default_rng([seed, 11])
     binary = (rng.random(images.shape) < images / 255).astype(np.float32)
     reconstruct = jax.jit(lambda x, key: jax.nn.sigmoid(model(x, key).logits))
@@ -323,12 +321,13 @@ def main(argv: list[str]) -> None:
         report["model"] = FLAGS.model
         report["num_samples"] = FLAGS.num_samples
         report["temperature"] = FLAGS.temperature
-        drawn = samples(FLAGS.model, FLAGS.num_samples, FLAGS.seed, FLAGS.temperature)
+        model = load_draw(FLAGS.model)
+        drawn = samples(model, FLAGS.num_samples, FLAGS.seed, FLAGS.temperature)
         report["samples_share"] = share_of_two(counter, drawn, FLAGS.confidence)
         report.update({f"samples_{k}": v for k, v in layout(drawn).items()})
         if FLAGS.temperature == 1:  # the posterior's path: the same count of real test pairs, redrawn
             pairs = test["two"][0][: FLAGS.num_samples]
-            redrawn = reconstructions(FLAGS.model, pairs, FLAGS.seed)
+            redrawn = reconstructions(model, pairs, FLAGS.seed)
             report["reconstructed_pairs_share"] = share_of_two(
                 counter, pairs / np.float32(255), FLAGS.confidence
             )
