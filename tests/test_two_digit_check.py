@@ -155,7 +155,7 @@ def test_the_released_model_redraws_each_real_pair_nearer_to_it_than_to_any_othe
     # as that pair, in its place in the batch.
     source = data.load_split("mnist", "test", mnist_dir)
     pairs = two_digits.make(source.images, "test").images[:150]
-    redrawn = check.reconstructions(check.load_draw("mnist_two_digits_attention"), pairs, seed=0)
+    redrawn = check.reconstructions(check.load_draw("mnist_two_digits_attention")[0], pairs, seed=0)
     assert redrawn.shape == (150, two_digits.CANVAS, two_digits.CANVAS, 1)
     assert redrawn.min() >= 0 and redrawn.max() <= 1
     real = pairs.reshape(150, -1).astype(np.float32) / 255
@@ -163,3 +163,19 @@ def test_the_released_model_redraws_each_real_pair_nearer_to_it_than_to_any_othe
     assert (distance.argmin(1) == np.arange(150)).mean() >= 0.95
     # by a wide margin: under half the typical distance to another pair
     assert np.median(np.diag(distance)) < 0.5 * np.median(distance)
+
+
+def test_each_model_step_and_temperature_keeps_its_own_report(tmp_path):
+    # A run's checkpoints, and a candidate named as its release, must not overwrite each other.
+    workdir = str(tmp_path)
+    paths = {
+        check.report_path(workdir, None, None, 1.0),
+        check.report_path(workdir, "mnist_two_digits_attention", 44000, 1.0),
+        check.report_path(workdir, "/elsewhere/mnist_two_digits_attention", 54000, 1.0),
+        check.report_path(workdir, "mnist_two_digits_attention", 44000, 0.7),
+        check.report_path(workdir, "runs/two_digits/", 2500, 1.0),
+        check.report_path(workdir, "runs/two_digits", 5000, 1.0),
+    }
+    assert len(paths) == 6
+    assert all(os.path.dirname(p) == workdir and p.endswith(".json") for p in paths)
+    assert "step54000" in check.report_path(workdir, "a/mnist_two_digits_attention", 54000, 1.0)

@@ -18,8 +18,11 @@ images. ``--model=NAME_OR_WORKDIR`` (a released DRAW or a training run of
 (the canvas means sigmoid(c_T), grey like the real images; ``--temperature`` below 1
 draws them nearer the prior's centre) and, at temperature 1, for its reconstructions of as
 many real test pairs (at most the 10,000): the same renderer fed z_t from the posterior, so that the gap between
-the two is the prior's and not the counter's reading of DRAW's strokes. Each call writes
-``<workdir>/report[_<model>].json``.
+the two is the prior's and not the counter's reading of DRAW's strokes. ``--step`` picks a
+workdir's checkpoint (default: its latest). Each call writes ``<workdir>/report.json``, or with
+``--model`` ``report_<model>_step<N>[_temperature_<t>].json`` (``report_path``), N the model's
+training steps, so that a run's checkpoints and a candidate beside its release each keep
+their own report.
 
 Beside the counter, the layout of the ink, for real images and samples alike:
 ``spread``, the median over images of the root-mean-square distance (pixels)
@@ -36,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any
 
 import jax
 import numpy as np
@@ -47,6 +51,7 @@ from scipy import ndimage
 
 from draw_jax import checkpoint, pretrained, two_digits
 from draw_jax import data as data_lib
+from experiments import cli
 
 FLAGS = flags.FLAGS
 
@@ -63,6 +68,7 @@ def define_flags() -> None:
         "Probability a prediction of two digits needs to count (0.5: more likely than all others together).",
     )
     flags.DEFINE_string("model", None, "A released DRAW model or a workdir of mnist_two_digits to sample.")
+    flags.DEFINE_integer("step", None, "The checkpoint of a workdir --model to read (default: its latest).")
     flags.DEFINE_integer("num_samples", 1000, "Samples drawn from --model.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature of --model (1: its prior).")
     flags.DEFINE_integer("seed", 0, "Seed of the counter's training and of the samples.")
@@ -267,9 +273,10 @@ def load_or_train(workdir: str, data_dir: str, num_steps: int, seed: int) -> Cou
     return model
 
 
-def load_draw(name_or_workdir: str):
-    """The DRAW module of ``--model``, refused by name unless it makes 60 x 60 x 1 images."""
-    trained = pretrained.load(name_or_workdir)
+def load_draw(name_or_workdir: str, step: int | None = None) -> tuple[Any, int]:
+    """(the DRAW module of ``--model``, its training steps), refused by name unless it makes
+    60 x 60 x 1 images; ``step`` picks a workdir's checkpoint (default: the latest)."""
+    trained = pretrained.load(name_or_workdir, step)
     shape = trained.config.model.image_shape
     if tuple(shape) != (two_digits.CANVAS, two_digits.CANVAS, 1):
         raise app.UsageError(
@@ -277,7 +284,18 @@ def load_draw(name_or_workdir: str):
         )
     from draw_jax import train_step
 
-    return train_step.apply_model(trained.graphdef, trained.params)
+    return train_step.apply_model(trained.graphdef, trained.params), trained.step
+
+
+def report_path(workdir: str, model: str | None, step: int | None, temperature: float) -> str:
+    """Where a call's report goes: ``report.json`` for real images alone, else named after the
+    model's basename, its training ``step`` and a temperature other than 1."""
+    if not model:
+        return os.path.join(workdir, "report.json")
+    stem = f"report_{os.path.basename(os.path.normpath(model))}_step{step}"
+    if temperature != 1:
+        stem += f"_temperature_{temperature:g}"
+    return os.path.join(workdir, f"{stem}.json")
 
 
 def samples(model, num: int, seed: int, temperature: float = 1.0) -> np.ndarray:
@@ -301,11 +319,16 @@ def reconstructions(model, images: np.ndarray, seed: int) -> np.ndarray:
     )
 
 
+@cli.user_errors_as_messages
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
     if not FLAGS.temperature >= 0:
         raise app.UsageError(f"--temperature must be >= 0, got {FLAGS.temperature}")
+    if FLAGS.step is not None and not FLAGS.model:
+        raise app.UsageError("--step picks a checkpoint of a workdir --model; no --model was given")
+    # the model first, so that a wrong --model or --step fails before the counter's training
+    model, step = load_draw(FLAGS.model, FLAGS.step) if FLAGS.model else (None, None)
     os.makedirs(FLAGS.workdir, exist_ok=True)
     counter = load_or_train(FLAGS.workdir, FLAGS.data_dir, FLAGS.num_steps, FLAGS.seed)
     test = labelled_split("test", FLAGS.data_dir)
@@ -319,9 +342,9 @@ def main(argv: list[str]) -> None:
             report.update({f"real_two_digit_{k}": v for k, v in layout(x).items()})
     if FLAGS.model:
         report["model"] = FLAGS.model
+        report["model_step"] = step
         report["num_samples"] = FLAGS.num_samples
         report["temperature"] = FLAGS.temperature
-        model = load_draw(FLAGS.model)
         drawn = samples(model, FLAGS.num_samples, FLAGS.seed, FLAGS.temperature)
         report["samples_share"] = share_of_two(counter, drawn, FLAGS.confidence)
         report.update({f"samples_{k}": v for k, v in layout(drawn).items()})
@@ -335,13 +358,11 @@ def main(argv: list[str]) -> None:
             report.update({f"reconstructions_{k}": v for k, v in layout(redrawn).items()})
     for key, value in report.items():
         print(f"{key:<34}{value:.4f}" if isinstance(value, float) else f"{key:<34}{value}")
-    stem = "report" + (f"_{os.path.basename(os.path.normpath(FLAGS.model))}" if FLAGS.model else "")
-    if FLAGS.model and FLAGS.temperature != 1:
-        stem += f"_temperature_{FLAGS.temperature:g}"
-    with open(os.path.join(FLAGS.workdir, f"{stem}.json"), "w") as f:
+    path = report_path(FLAGS.workdir, FLAGS.model, step, FLAGS.temperature)
+    with open(path, "w") as f:
         json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    cli.run(main)
