@@ -431,8 +431,27 @@ class DRAW(nnx.Module):
         cfg = self.config
         if not isinstance(temperature, jax.core.Tracer) and not temperature >= 0:
             raise ValueError(f"the sampling temperature must be >= 0, got {temperature}")
-        z = temperature * jax.random.normal(key, (cfg.T, num_samples, cfg.z_size), jnp.float32)
-        canvas, _, _, h_dec, cell_dec = self.initial_carry(num_samples)
+        return self.decode(
+            temperature * jax.random.normal(key, (cfg.T, num_samples, cfg.z_size), jnp.float32)
+        )
+
+    def decode(self, z: jax.Array) -> Generation:
+        """Draws from given latents: the decoder and write of eq. 7-8 fed z [T, b, z_size].
+
+        ``generate`` feeds it prior draws. Fed the z_t that ``__call__`` sampled
+        from the posterior (mu + sigma * eps, the same eps), it redraws that
+        call's canvases; feeding some steps from one and some from the other
+        shows where the prior falls short of the posterior.
+
+        Returns:
+          ``Generation`` with canvases [T, b, h, w, c] (logits) and the write windows.
+        """
+        cfg = self.config
+        if z.ndim != 3 or z.shape[0] != cfg.T or z.shape[2] != cfg.z_size:
+            raise ValueError(
+                f"decode expects latents of shape [T={cfg.T}, batch, z={cfg.z_size}], got {z.shape}"
+            )
+        canvas, _, _, h_dec, cell_dec = self.initial_carry(z.shape[1])
 
         def body(carry, z_t):
             canvas, h_dec, cell_dec = carry
