@@ -10,7 +10,7 @@ import optax
 import pytest
 from flax import nnx
 
-from draw_jax import data, two_digits
+from draw_jax import DRAW, DrawConfig, data, two_digits
 from tools import two_digit_check as check
 
 
@@ -179,3 +179,24 @@ def test_each_model_step_and_temperature_keeps_its_own_report(tmp_path):
     assert len(paths) == 6
     assert all(os.path.dirname(p) == workdir and p.endswith(".json") for p in paths)
     assert "step54000" in check.report_path(workdir, "a/mnist_two_digits_attention", 54000, 1.0)
+
+
+def test_posterior_prefix_runs_from_the_prior_to_the_reconstruction():
+    # All T steps from the posterior redraw the reconstructions; none, prior samples that do
+    # not depend on the pairs; in between, the pictures depend on the pairs.
+    cfg = DrawConfig(height=60, width=60, T=4, enc_size=8, dec_size=8, z_size=2, read_n=2, write_n=3)
+    model = DRAW(cfg, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    pairs = rng.integers(0, 256, (130, 60, 60, 1)).astype(np.uint8)
+    others = rng.integers(0, 256, (130, 60, 60, 1)).astype(np.uint8)
+    np.testing.assert_allclose(
+        check.posterior_prefix(model, pairs, cfg.T, seed=1),
+        check.reconstructions(model, pairs, seed=1),
+        atol=1e-5,
+    )
+    np.testing.assert_array_equal(
+        check.posterior_prefix(model, pairs, 0, seed=1), check.posterior_prefix(model, others, 0, seed=1)
+    )
+    assert not np.allclose(
+        check.posterior_prefix(model, pairs, 2, seed=1), check.posterior_prefix(model, others, 2, seed=1)
+    )

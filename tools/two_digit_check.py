@@ -19,7 +19,9 @@ images. ``--model=NAME_OR_WORKDIR`` (a released DRAW or a training run of
 draws them nearer the prior's centre) and, at temperature 1, for its reconstructions of as
 many real test pairs (at most the 10,000): the same renderer fed z_t from the posterior, so that the gap between
 the two is the prior's and not the counter's reading of DRAW's strokes. ``--step`` picks a
-workdir's checkpoint (default: its latest). Each call writes ``<workdir>/report.json``, or with
+workdir's checkpoint (default: its latest). ``--posterior_steps=k,...`` adds pictures of the
+same pairs drawn with z_t from the posterior for the first k steps and from the prior after
+(``posterior_prefix``): where between the two the share is lost. Each call writes ``<workdir>/report.json``, or with
 ``--model`` ``report_<model>_step<N>[_temperature_<t>].json`` (``report_path``), N the model's
 training steps, so that a run's checkpoints and a candidate beside its release each keep
 their own report.
@@ -42,6 +44,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -71,6 +74,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("step", None, "The checkpoint of a workdir --model to read (default: its latest).")
     flags.DEFINE_integer("num_samples", 1000, "Samples drawn from --model.")
     flags.DEFINE_float("temperature", 1.0, "Sampling temperature of --model (1: its prior).")
+    flags.DEFINE_list(
+        "posterior_steps",
+        [],
+        "At temperature 1, also count pictures of the real pairs drawn with z_t from the posterior for "
+        "the first k steps and from the prior after, for each k listed (posterior_prefix).",
+    )
     flags.DEFINE_integer("seed", 0, "Seed of the counter's training and of the samples.")
 
 
@@ -319,6 +328,29 @@ def reconstructions(model, images: np.ndarray, seed: int) -> np.ndarray:
     )
 
 
+def posterior_prefix(model, images: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """float [m, 60, 60, 1]: sigmoid(c_T) of pictures whose z_t come from the posterior of a real
+    pair for t < k and from the prior after (``DRAW.decode``). k = T gives ``reconstructions``
+    (the same binarisation and draws), k = 0 samples from the prior: the counter's share between
+    the two says at which steps the prior falls short."""
+    rng = np.random.default_rng([seed, 11])
+    binary = (rng.random(images.shape) < images / 255).astype(np.float32)
+
+    @jax.jit
+    def draw(x, key):
+        eps = model.noise(key, x.shape[0])
+        out = model(x, eps=eps)
+        posterior = out.mu + jnp.exp(out.logsigma) * eps
+        prior = jax.random.normal(jax.random.fold_in(key, 1), posterior.shape)
+        z = jnp.where((jnp.arange(posterior.shape[0]) < k)[:, None, None], posterior, prior)
+        return jax.nn.sigmoid(model.decode(z).canvases[-1])
+
+    keys = jax.random.split(jax.random.key(seed), -(-len(images) // 100))
+    return np.concatenate(
+        [np.asarray(draw(binary[i * 100 : (i + 1) * 100], key)) for i, key in enumerate(keys)]
+    )
+
+
 @cli.user_errors_as_messages
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
@@ -327,8 +359,18 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"--temperature must be >= 0, got {FLAGS.temperature}")
     if FLAGS.step is not None and not FLAGS.model:
         raise app.UsageError("--step picks a checkpoint of a workdir --model; no --model was given")
+    try:
+        prefixes = [int(k) for k in FLAGS.posterior_steps]
+    except ValueError:
+        raise app.UsageError(f"--posterior_steps takes step counts, got {FLAGS.posterior_steps}") from None
+    if prefixes and (not FLAGS.model or FLAGS.temperature != 1):
+        raise app.UsageError("--posterior_steps needs a --model at --temperature=1")
     # the model first, so that a wrong --model or --step fails before the counter's training
     model, step = load_draw(FLAGS.model, FLAGS.step) if FLAGS.model else (None, None)
+    if any(not 0 <= k <= model.config.T for k in prefixes):
+        raise app.UsageError(
+            f"--posterior_steps={FLAGS.posterior_steps}: each must be in 0..T={model.config.T}"
+        )
     os.makedirs(FLAGS.workdir, exist_ok=True)
     counter = load_or_train(FLAGS.workdir, FLAGS.data_dir, FLAGS.num_steps, FLAGS.seed)
     test = labelled_split("test", FLAGS.data_dir)
@@ -356,6 +398,10 @@ def main(argv: list[str]) -> None:
             )
             report["reconstructions_share"] = share_of_two(counter, redrawn, FLAGS.confidence)
             report.update({f"reconstructions_{k}": v for k, v in layout(redrawn).items()})
+            for k in prefixes:
+                mixed = posterior_prefix(model, pairs, k, FLAGS.seed)
+                report[f"posterior_{k}_steps_share"] = share_of_two(counter, mixed, FLAGS.confidence)
+                report.update({f"posterior_{k}_steps_{name}": v for name, v in layout(mixed).items()})
     for key, value in report.items():
         print(f"{key:<34}{value:.4f}" if isinstance(value, float) else f"{key:<34}{value}")
     path = report_path(FLAGS.workdir, FLAGS.model, step, FLAGS.temperature)
