@@ -319,13 +319,17 @@ def reconstructions(model, images: np.ndarray, seed: int) -> np.ndarray:
     """float [m, 60, 60, 1]: sigmoid(c_T) of a DRAW module's reconstructions of uint8 ``images``
     [m, 60, 60, 1], each binarised once (a Bernoulli draw, as the model trains) and encoded with
     z_t drawn from its posterior: the counter's figure on pictures the model draws from a real pair."""
+    return _over_binarised_pairs(lambda x, key: jax.nn.sigmoid(model(x, key).logits), images, seed)
+
+
+def _over_binarised_pairs(draw, images: np.ndarray, seed: int) -> np.ndarray:
+    """``draw(x, key)`` jitted over uint8 ``images`` binarised once (a Bernoulli draw from seed),
+    in batches of 100, batch i with key i of ``seed``'s split: concatenated."""
     rng = np.random.default_rng([seed, 11])
     binary = (rng.random(images.shape) < images / 255).astype(np.float32)
-    reconstruct = jax.jit(lambda x, key: jax.nn.sigmoid(model(x, key).logits))
+    draw = jax.jit(draw)
     keys = jax.random.split(jax.random.key(seed), -(-len(images) // 100))
-    return np.concatenate(
-        [np.asarray(reconstruct(binary[i * 100 : (i + 1) * 100], k)) for i, k in enumerate(keys)]
-    )
+    return np.concatenate([np.asarray(draw(binary[i * 100 : (i + 1) * 100], k)) for i, k in enumerate(keys)])
 
 
 def posterior_prefix(model, images: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -333,10 +337,7 @@ def posterior_prefix(model, images: np.ndarray, k: int, seed: int) -> np.ndarray
     pair for t < k and from the prior after (``DRAW.decode``). k = T gives ``reconstructions``
     (the same binarisation and draws), k = 0 samples from the prior: the counter's share between
     the two says at which steps the prior falls short."""
-    rng = np.random.default_rng([seed, 11])
-    binary = (rng.random(images.shape) < images / 255).astype(np.float32)
 
-    @jax.jit
     def draw(x, key):
         eps = model.noise(key, x.shape[0])
         out = model(x, eps=eps)
@@ -345,10 +346,7 @@ def posterior_prefix(model, images: np.ndarray, k: int, seed: int) -> np.ndarray
         z = jnp.where((jnp.arange(posterior.shape[0]) < k)[:, None, None], posterior, prior)
         return jax.nn.sigmoid(model.decode(z).canvases[-1])
 
-    keys = jax.random.split(jax.random.key(seed), -(-len(images) // 100))
-    return np.concatenate(
-        [np.asarray(draw(binary[i * 100 : (i + 1) * 100], key)) for i, key in enumerate(keys)]
-    )
+    return _over_binarised_pairs(draw, images, seed)
 
 
 @cli.user_errors_as_messages
