@@ -319,10 +319,10 @@ def reconstructions(model, images: np.ndarray, seed: int) -> np.ndarray:
     """float [m, 60, 60, 1]: sigmoid(c_T) of a DRAW module's reconstructions of uint8 ``images``
     [m, 60, 60, 1], each binarised once (a Bernoulli draw, as the model trains) and encoded with
     z_t drawn from its posterior: the counter's figure on pictures the model draws from a real pair."""
-    return _over_binarised_pairs(lambda x, key: jax.nn.sigmoid(model(x, key).logits), images, seed)
+    return over_binarised_pairs(lambda x, key: jax.nn.sigmoid(model(x, key).logits), images, seed)
 
 
-def _over_binarised_pairs(draw, images: np.ndarray, seed: int) -> np.ndarray:
+def over_binarised_pairs(draw, images: np.ndarray, seed: int) -> np.ndarray:
     """``draw(x, key)`` jitted over uint8 ``images`` binarised once (a Bernoulli draw from seed),
     in batches of 100, batch i with key i of ``seed``'s split: concatenated."""
     rng = np.random.default_rng([seed, 11])
@@ -346,7 +346,7 @@ def posterior_prefix(model, images: np.ndarray, k: int, seed: int) -> np.ndarray
         z = jnp.where((jnp.arange(posterior.shape[0]) < k)[:, None, None], posterior, prior)
         return jax.nn.sigmoid(model.decode(z).canvases[-1])
 
-    return _over_binarised_pairs(draw, images, seed)
+    return over_binarised_pairs(draw, images, seed)
 
 
 @cli.user_errors_as_messages
