@@ -36,8 +36,8 @@
 #     --lr_schedule=cosine" TRAIN_LR=2e-3 PREVIOUS_STEPS=136000 bash tools/gpu_session.sh
 # The two-digit model the same way (RELEASE_NAME names the released files):
 #   TRAIN_FLAGS="--init_from=mnist_two_digits_attention --preset=paper_two_digits --adam_b1=0.9 \
-#     --kl_warmup_steps=0 --warmup_steps=200 --lr_schedule=cosine" TRAIN_LR=2e-3 TRAIN_BATCH=100 \
-#     PREVIOUS_STEPS=24000 DATA=.device/data/mnist RELEASE_NAME=mnist_two_digits_attention_gpu \
+#     --kl_warmup_steps=0 --warmup_steps=200 --lr_schedule=cosine" TRAIN_LR=1e-3 TRAIN_BATCH=100 \
+#     PREVIOUS_STEPS=74000 DATA=.device/data/mnist RELEASE_NAME=mnist_two_digits_attention_gpu \
 #     STAGES="train release" TRAIN_STEPS=... bash tools/gpu_session.sh
 # A peephole model from scratch (the attention run's next question; see
 # BUILD_NOTES, "What next"), its schedule as long as the time allows:
